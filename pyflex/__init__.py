@@ -1,0 +1,10 @@
+"""pyflex: kernel-accelerated parameter-efficient fine-tuning for Hugging Face models."""
+from .ops import BACKENDS, cpp_available, current_backend_name, flex_lora, resolve_backend, sparsity, use_backend
+from .tau import make_tau, tau_param_groups, tau_values
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "cpp_available", "current_backend_name", "flex_lora", "make_tau", "resolve_backend",
+    "sparsity", "tau_param_groups", "tau_values", "use_backend",
+]

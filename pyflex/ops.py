@@ -1,0 +1,302 @@
+"""`flex_lora`: the τ-masked LoRA linear as an autograd op, with backend dispatch.
+
+Backends all implement the two functions of :mod:`pyflex.reference` with the same signatures
+(``lora_forward`` and ``lora_backward``); this module owns validation, dropout, the autograd
+bookkeeping (what to save, what to skip) and the τ surrogate gradient, so the backends stay pure
+tensor functions.
+
+Dispatch (``PYFLEX_BACKEND`` or :func:`use_backend`):
+    auto       CUDA tensors → triton; CPU tensors → cpp if the extension loaded, else reference
+    triton     Triton kernels; on CPU tensors they run under the Triton interpreter (TRITON_INTERPRET=1)
+    cpp        the C++ (OpenMP) extension, CPU tensors only
+    reference  plain PyTorch (pyflex/reference.py)
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+_backend_override: Optional[str] = None
+_cpp_module = None
+_cpp_error: Optional[str] = None
+_cpp_warned = False
+
+
+# --------------------------------------------------------------------------------------------------
+# backend loading
+# --------------------------------------------------------------------------------------------------
+def _load_cpp():
+    """Import the compiled extension once; remember why it failed so errors can say so."""
+    global _cpp_module, _cpp_error
+    if _cpp_module is None and _cpp_error is None:
+        try:
+            _cpp_module = importlib.import_module("pyflex._C")
+        except ImportError as exc:  # not built, or built against another torch
+            _cpp_error = f"{type(exc).__name__}: {exc}"
+    return _cpp_module
+
+
+def cpp_available() -> bool:
+    """True when the C++ CPU extension (pyflex._C) imports."""
+    return _load_cpp() is not None
+
+
+def _load_triton(device: torch.device):
+    """Import the Triton launchers. CPU tensors need the interpreter, which must be chosen before
+    triton decorates any kernel, so it is switched on here when the module is not yet imported."""
+    name = "pyflex.kernels.flex_lora"
+    if device.type == "cpu":
+        already = name in importlib.sys.modules
+        if not already:
+            os.environ["TRITON_INTERPRET"] = "1"
+        elif os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend 'triton' was asked for CPU tensors, but the Triton kernels were already compiled for the "
+                "GPU in this process; set TRITON_INTERPRET=1 before importing pyflex to run them on CPU")
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise RuntimeError(f"backend 'triton' is not available: {type(exc).__name__}: {exc}") from exc
+
+
+def current_backend_name() -> str:
+    """The backend requested by :func:`use_backend` or ``PYFLEX_BACKEND`` (default 'auto')."""
+    name = _backend_override or os.environ.get("PYFLEX_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"PYFLEX_BACKEND={name!r} is not a backend; allowed: {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block (overrides ``PYFLEX_BACKEND``)."""
+    global _backend_override
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not a backend; allowed: {', '.join(BACKENDS)}")
+    previous, _backend_override = _backend_override, name
+    try:
+        yield
+    finally:
+        _backend_override = previous
+
+
+def resolve_backend(device: torch.device, name: Optional[str] = None):
+    """Return ``(name, module)`` for the backend that serves tensors on ``device``.
+
+    A forced backend that cannot serve is an error; only 'auto' picks, and it says once when it
+    cannot use the C++ extension.
+    """
+    global _cpp_warned
+    name = name or current_backend_name()
+    if name == "auto":
+        if device.type == "cuda":
+            name = "triton"
+        elif device.type == "cpu":
+            if cpp_available():
+                name = "cpp"
+            else:
+                if not _cpp_warned:
+                    warnings.warn(f"pyflex: the C++ extension pyflex._C is not available ({_cpp_error}); "
+                                  "CPU calls use the PyTorch reference path. Rebuild with `pip install -e .`.",
+                                  RuntimeWarning, stacklevel=3)
+                    _cpp_warned = True
+                name = "reference"
+        else:
+            name = "reference"
+    if name == "reference":
+        return name, reference
+    if name == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpp' serves CPU tensors only, got tensors on {device}")
+        module = _load_cpp()
+        if module is None:
+            raise RuntimeError(f"backend 'cpp' is not available: {_cpp_error}. Build it with `pip install -e .`")
+        return name, module
+    if name == "triton":
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"backend 'triton' serves CUDA tensors (or CPU under the interpreter), got {device}")
+        return name, _load_triton(device)
+    raise AssertionError(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropout_p):
+    for arg, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x.dtype={x.dtype} is not supported; allowed: float16, bfloat16, float32, float64")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., K), got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x.shape[-1]={x.shape[-1]} does not match weight.shape[1]={K} (weight is (N, K))")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must be (r, K)=(r, {K}), got shape {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError("lora_A has rank r=0; the LoRA rank must be >= 1")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must be (N, r)=({N}, {r}), got shape {tuple(lora_B.shape)}")
+    tensors = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must be a tensor of shape (N,)=({N},) or None, got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        tensors.append(("bias", bias))
+    for arg, t in tensors:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{arg}.dtype={t.dtype} differs from x.dtype={x.dtype}; all of x, weight, bias, "
+                            "lora_A and lora_B must share one dtype (cast the adapter to the base dtype)")
+        if t.device != x.device:
+            raise ValueError(f"{arg} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    if isinstance(scale, torch.Tensor):
+        raise TypeError("scale must be a python float (α/r or α/√r, times the response scale β), got a tensor")
+    if not math.isfinite(float(scale)) or float(scale) < 0:
+        raise ValueError(f"scale={scale} is not allowed; it must be finite and >= 0")
+    if tau is not None:
+        if not isinstance(tau, torch.Tensor) or tau.numel() != 1:
+            raise TypeError(f"tau must be a 1-element tensor (an nn.Parameter in practice) or None, got "
+                            f"{tuple(tau.shape) if isinstance(tau, torch.Tensor) else type(tau).__name__}")
+        if not torch.isfinite(tau.detach()).all():
+            raise ValueError(f"tau={tau.item()} is not finite; the threshold must be a finite number")
+        if tau.device != x.device and tau.device.type != "cpu":
+            raise ValueError(f"tau is on {tau.device} but x is on {x.device}")
+    if coef is not None:
+        if not isinstance(coef, torch.Tensor):
+            raise TypeError(f"coef must be a tensor of shape x.shape[:-1] or None, got {type(coef).__name__}")
+        if tuple(coef.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"coef.shape={tuple(coef.shape)} must equal x.shape[:-1]={tuple(x.shape[:-1])} "
+                             "(one coefficient per token)")
+        if not coef.dtype.is_floating_point:
+            raise TypeError(f"coef.dtype={coef.dtype} must be a floating dtype")
+        if coef.device != x.device:
+            raise ValueError(f"coef is on {coef.device} but x is on {x.device}")
+    if not math.isfinite(float(lam)) or float(lam) < 0:
+        raise ValueError(f"lam={lam} is not allowed; λ must be finite and >= 0")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} is not allowed; it must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------
+class FlexLoraFunction(torch.autograd.Function):
+    """Inputs are flattened: x (M, K), coef (M,) or None, dropout_scale (M, K) or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, tau, scale, lam, dropout_scale, backend_name):
+        _, backend = resolve_backend(x.device, backend_name)
+        cdt = reference.compute_dtype(x.dtype)
+        if coef is None:
+            cscale = torch.full((x.shape[0],), float(scale), dtype=cdt, device=x.device)
+        else:
+            cscale = coef.detach().to(cdt) * float(scale)
+        x_lora = x if dropout_scale is None else x * dropout_scale
+        tau_value = None if tau is None else float(tau.detach())
+        result = backend.lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau_value)
+        y, z, mask = result[0], result[1], result[3]
+
+        needs = ctx.needs_input_grad
+        need_adapter = needs[3] or needs[4]
+        need_uz = (tau is not None and needs[6]) or (coef is not None and needs[5])
+        # Save only what the backward that will run needs: a frozen adapter saves no x̃ and no z.
+        keep_z = need_adapter or need_uz
+        ctx.save_for_backward(
+            x if needs[1] or (need_adapter and dropout_scale is None) else None,
+            weight if needs[0] else None,
+            lora_A if needs[0] else None,
+            lora_B,
+            x_lora if need_adapter and dropout_scale is not None else None,
+            z if keep_z else None,
+            cscale, mask,
+            dropout_scale if needs[0] else None,
+        )
+        ctx.flags = dict(need_dx=needs[0], need_dweight=needs[1], need_dbias=bias is not None and needs[2],
+                         need_adapter=need_adapter, need_uz=need_uz)
+        ctx.scale, ctx.lam, ctx.backend_name = float(scale), float(lam), backend_name
+        ctx.has_dropout = dropout_scale is not None
+        ctx.coef_dtype = None if coef is None else coef.dtype
+        ctx.tau_meta = None if tau is None else (tau.shape, tau.dtype, tau.device)
+        ctx.mark_non_differentiable(mask)
+        return y, mask
+
+    @staticmethod
+    def backward(ctx, gy, _gmask):
+        x, weight, lora_A, lora_B, x_lora, z, cscale, mask, dropout_scale = ctx.saved_tensors
+        flags = ctx.flags
+        if x_lora is None and flags["need_adapter"]:
+            x_lora = x
+        _, backend = resolve_backend(gy.device, ctx.backend_name)
+        res = backend.lora_backward(gy.contiguous(), x, weight, lora_A, lora_B, x_lora, z, cscale, mask,
+                                    dropout_scale=dropout_scale, **flags)
+        dx, dweight, dbias, dA, dB, uz = res
+        dcoef = dtau = None
+        if ctx.coef_dtype is not None and ctx.needs_input_grad[5]:
+            dcoef = (mask.to(uz.dtype) * uz * ctx.scale).to(ctx.coef_dtype)
+        if ctx.tau_meta is not None and ctx.needs_input_grad[6]:
+            shape, dtype, device = ctx.tau_meta
+            dtau = reference.tau_gradient(uz, cscale, mask, ctx.lam).reshape(shape).to(dtype=dtype, device=device)
+        return dx, dweight, dbias, dA, dB, dcoef, dtau, None, None, None, None
+
+
+def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, lam=0.0, dropout_p=0.0,
+              return_mask=False):
+    """τ-masked LoRA linear: ``y_i = x_i W0ᵀ + b + m_i · scale · c_i · B A dropout(x_i)``.
+
+    Args:
+        x: (..., K) float16/bfloat16/float32/float64.
+        weight: (N, K) base weight W0; bias: (N,) or None. Same dtype and device as x.
+        lora_A: (r, K); lora_B: (N, r). Same dtype as x.
+        scale: python float ≥ 0: α/r (or α/√r for rsLoRA) times the layer's response scale β.
+        tau: 1-element tensor threshold on ρ_i = ‖d_i‖/‖y0_i‖ (PEFT_S eq. 4), or None for no mask.
+            Its gradient is the PEFT_S surrogate −g (eq. 14-17); train it with
+            :func:`pyflex.tau_param_groups` to get eq. 18-22.
+        coef: (...,) per-token coefficient c_i ≥ 0 (the HLPT gate), or None for 1.
+        lam: λ ≥ 0, the proximity strength of eq. 15 (pushes τ up by λ per active token).
+        dropout_p: dropout on the LoRA path only, as PEFT does; applied whenever > 0.
+        return_mask: also return the bool mask (...,), True where the delta was applied.
+
+    Returns:
+        y (..., N), or (y, mask).
+    """
+    _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropout_p)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    coef2 = None if coef is None else coef.reshape(-1)
+    dropout_scale = None
+    if dropout_p > 0:
+        keep = torch.rand_like(x2, dtype=torch.float32) >= dropout_p
+        dropout_scale = keep.to(x2.dtype) / (1.0 - dropout_p)
+    backend_name, _ = resolve_backend(x.device)
+    y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, float(scale), float(lam),
+                                     dropout_scale, backend_name)
+    y = y.reshape(*lead, weight.shape[0])
+    if return_mask:
+        return y, mask.reshape(lead)
+    return y
+
+
+def sparsity(mask: torch.Tensor) -> float:
+    """PEFT_S eq. 23: the fraction of tokens whose delta was not applied (0.0 for no tokens)."""
+    if mask.numel() == 0:
+        return 0.0
+    return 1.0 - mask.float().mean().item()
