@@ -83,7 +83,9 @@ def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
     ``dropout_scale`` (M, K) is the dropout mask already divided by (1 - p), or None without dropout;
     the LoRA term of dx goes through it. Masked tokens take no part in dA, dB or the LoRA term of dx.
     """
-    cdt = compute_dtype(x.dtype)
+    # x and lora_A are None when their gradients are not needed (the op saves only what runs), so the
+    # dtypes come from gy and lora_B, which are always given and share the input dtype.
+    cdt = compute_dtype(gy.dtype)
     dx = dweight = dbias = dA = dB = uz = None
     if need_dx:
         dx = gy @ weight                                      # (M, K)
@@ -105,12 +107,12 @@ def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
                 lora_dx = v_a @ lora_A.to(cdt)                   # (Ma, K)
                 if dropout_scale is not None:
                     lora_dx = lora_dx * dropout_scale[active].to(cdt)
-                dx = dx.to(cdt).index_add(0, active, lora_dx).to(x.dtype)
+                dx = dx.to(cdt).index_add(0, active, lora_dx).to(gy.dtype)
             if need_adapter:
-                dA = (v_a.t() @ x_lora[active].to(cdt)).to(lora_A.dtype)
+                dA = (v_a.t() @ x_lora[active].to(cdt)).to(lora_B.dtype)
                 dB = (gy_a.t() @ (z[active] * c_a)).to(lora_B.dtype)
         elif need_adapter:
-            dA = torch.zeros_like(lora_A)
+            dA = lora_B.new_zeros((lora_B.shape[1], x_lora.shape[1]))
             dB = torch.zeros_like(lora_B)
     return BackwardResult(dx, dweight, dbias, dA, dB, uz)
 

@@ -1,0 +1,530 @@
+"""Triton launchers for the τ-masked LoRA linear (DESIGN.md §3).
+
+``lora_forward`` and ``lora_backward`` have exactly the signatures, return types and semantics of
+:mod:`pyflex.reference` (the spec); :mod:`pyflex.ops` dispatches to them for CUDA tensors, and for CPU
+tensors under the Triton interpreter (TRITON_INTERPRET=1, used by the tests).
+
+Design (chosen by measurement on H100, see bench/bench_gpu_flex_lora.py):
+
+* The two big GEMMs (y0 = x W0ᵀ + b, dx = gy W0) and the optional dW0/db stay on cuBLAS: a plain Triton
+  GEMM measured 1.17-1.30× cuBLAS (shared/ANCHORS.md), more than everything the LoRA side costs.
+* Everything rank-r is fused into memory-bound Triton passes that read each big operand once:
+    - forward rows pass: z = x̃ Aᵀ (fp32), Σ y0² per row, ρ through the r×r Gram G = BᵀB, the mask, and
+      y = y0 + m·c·(B z) written in place into y0, for active rows only (masked rows are neither
+      re-read nor written);
+    - backward rows pass: u = Bᵀ gy (gy read once), uz = u·z, v = m·c·u, and dx += (v A)·dropout in place
+      into the cuBLAS dx, active rows only;
+    - dA = vᵀ x̃ and dB = gyᵀ (m·c·z) as split-M skinny reductions whose row loads skip masked rows
+      (no compaction copy, no host sync).
+* Decode (M ≤ DECODE_MAX_M): a GEMV-style kernel reads W0 once and produces y0 (with bias), per-block
+  partial Σ y0², and, in extra programs that treat A's rows like W0's, z and the Gram G; a second tiny
+  kernel forms ρ, the mask and adds m·c·(B z).
+
+Numerics: y0 in the input dtype as F.linear; z, G, ρ, uz, v and the LoRA delta accumulate in float32.
+bf16/fp16 operands go to tensor cores natively (exact products, fp32 accumulation); products with an fp32
+operand (v A, (c z) Bᵀ, vᵀ x̃) use TF32 for 16-bit inputs (below the 16-bit output rounding) and IEEE fp32
+for fp32 inputs. float64 inputs use the PyTorch reference path (pyflex.reference), exactly.
+
+Under the interpreter ``tl.dot`` on bf16/fp16 tiles is wrong (triton 3.6/3.9 on CPU), so all dot
+operands are upcast to fp32 there (the ``UPCAST`` constexpr).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from pyflex import reference
+from pyflex.reference import NORM_EPS, BackwardResult, ForwardResult
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Token counts up to this take the decode path (one pass over W0 computing y0, z, Σy0² together).
+DECODE_MAX_M = 64
+
+
+def _rank_pad(r: int) -> int:
+    """tl.dot needs every dimension ≥ 16 and tl.arange needs powers of two."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def _rtne(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """Precision of dots that have an fp32 operand: IEEE for fp32 inputs, TF32 for 16-bit inputs."""
+    return "ieee" if (dtype == torch.float32 or INTERPRET) else "tf32"
+
+
+
+@triton.jit
+def _to_out(v, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """fp32 → output dtype. The interpreter converts fp32 → bf16 by truncation, so there the
+    round-to-nearest-even is done on the bits (RTNE_BF16 is only set under the interpreter)."""
+    if RTNE_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# forward: rows pass after the cuBLAS y0
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr, mask_ptr,
+                     M, N, K, R, tau,
+                     s_ym, s_yn, s_xm, s_xk, s_ar, s_ak, s_bn, s_br,
+                     HAS_TAU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr, PREC: tl.constexpr,
+                     EPS: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rr = tl.arange(0, RP)
+    rrmask = rr < R
+    rows64 = rows.to(tl.int64)
+
+    # z = x̃ Aᵀ, fp32 accumulation
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K
+        xt = tl.load(xl_ptr + rows64[:, None] * s_xm + ks[None, :] * s_xk,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        at = tl.load(a_ptr + rr[None, :] * s_ar + ks[:, None] * s_ak,
+                     mask=rrmask[None, :] & kmask[:, None], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, at, acc, input_precision=XPREC)
+    tl.store(z_ptr + rows64[:, None] * R + rr[None, :], acc, mask=rmask[:, None] & rrmask[None, :])
+
+    c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
+    if HAS_TAU:
+        sq = tl.zeros((BM,), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            ns = n0 + tl.arange(0, BN)
+            yt = tl.load(y_ptr + rows64[:, None] * s_ym + ns[None, :] * s_yn,
+                         mask=rmask[:, None] & (ns < N)[None, :], other=0.0).to(tl.float32)
+            sq += tl.sum(yt * yt, axis=1)
+        g = tl.load(g_ptr + rr[:, None] * R + rr[None, :], mask=rrmask[:, None] & rrmask[None, :], other=0.0)
+        zg = tl.dot(acc, g, input_precision="ieee")
+        dsq = tl.maximum(tl.sum(zg * acc, axis=1), 0.0)
+        ratio = tl.abs(c) * tl.sqrt(dsq) / tl.maximum(tl.sqrt(sq), EPS)
+        active = ratio >= tau
+        tl.store(ratio_ptr + rows, ratio, mask=rmask)
+        tl.store(mask_ptr + rows, active.to(tl.int8), mask=rmask)
+        act = rmask & active
+    else:
+        tl.store(mask_ptr + rows, tl.full((BM,), 1, tl.int8), mask=rmask)
+        act = rmask
+
+    # y = y0 + m·c·(z Bᵀ), written in place, active rows only
+    w = acc * c[:, None]
+    for n0 in range(0, N, BN):
+        ns = n0 + tl.arange(0, BN)
+        nmask = ns < N
+        bt = tl.load(b_ptr + ns[None, :] * s_bn + rr[:, None] * s_br,
+                     mask=nmask[None, :] & rrmask[:, None], other=0.0).to(tl.float32)
+        d = tl.dot(w, bt, input_precision=PREC)
+        yp = y_ptr + rows64[:, None] * s_ym + ns[None, :] * s_yn
+        ym = act[:, None] & nmask[None, :]
+        yt = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
+        tl.store(yp, _to_out(yt + d, y_ptr.dtype.element_ty, RTNE_BF16), mask=ym)
+
+
+# ------------------------------------------------------------------------------------------------
+# forward: decode path (small M): one pass over W0
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, z_ptr, g_ptr,
+                        M, N, K, R,
+                        s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_ym, s_yn,
+                        HAS_BIAS: tl.constexpr, HAS_TAU: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BNG: tl.constexpr,
+                        RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr):
+    """Programs [0, cdiv(N, BN)) compute y0[:, block] (+bias) and its partial Σy0²; the following
+    cdiv(R, BN) programs treat A's rows like W0's rows and compute z[:, block] (and G[:, block])."""
+    pid = tl.program_id(0)
+    n_wblk = tl.cdiv(N, BN)
+    rows = tl.arange(0, BM)
+    rmask = rows < M
+    if pid < n_wblk:
+        cols = pid * BN + tl.arange(0, BN)
+        cmask = cols < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            xt = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wt = tl.load(w_ptr + cols[None, :].to(tl.int64) * s_wn + ks[:, None] * s_wk,
+                         mask=cmask[None, :] & kmask[:, None], other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=XPREC)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        yv = _to_out(acc, y_ptr.dtype.element_ty, RTNE_BF16)
+        ym = rmask[:, None] & cmask[None, :]
+        tl.store(y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn, yv, mask=ym)
+        if HAS_TAU:
+            # Σ over the rounded y0, as the reference squares the input-dtype y0
+            yf = tl.where(ym, yv.to(tl.float32), 0.0)
+            tl.store(sqp_ptr + pid * BM + rows, tl.sum(yf * yf, axis=1))
+    else:
+        rc = (pid - n_wblk) * BN + tl.arange(0, BN)
+        rcmask = rc < R
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            xt = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            at = tl.load(a_ptr + rc[None, :] * s_ar + ks[:, None] * s_ak,
+                         mask=rcmask[None, :] & kmask[:, None], other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            acc = tl.dot(xt, at, acc, input_precision=XPREC)
+        tl.store(z_ptr + rows[:, None] * R + rc[None, :], acc, mask=rmask[:, None] & rcmask[None, :])
+        if HAS_TAU:
+            # G[:, block] = Bᵀ B[:, block]; 16-bit B goes to tensor cores natively (exact products)
+            rr = tl.arange(0, RP)
+            rrmask = rr < R
+            gacc = tl.zeros((RP, BN), dtype=tl.float32)
+            for n0 in range(0, N, BNG):
+                ns = n0 + tl.arange(0, BNG)
+                nmask = ns < N
+                bfull = tl.load(b_ptr + ns[None, :] * s_bn + rr[:, None] * s_br,
+                                mask=nmask[None, :] & rrmask[:, None], other=0.0)
+                bcol = tl.load(b_ptr + ns[:, None] * s_bn + rc[None, :] * s_br,
+                               mask=nmask[:, None] & rcmask[None, :], other=0.0)
+                if UPCAST:
+                    bfull = bfull.to(tl.float32)
+                    bcol = bcol.to(tl.float32)
+                gacc = tl.dot(bfull, bcol, gacc, input_precision=XPREC)
+            tl.store(g_ptr + rr[:, None] * RP + rc[None, :], gacc, mask=rrmask[:, None] & rcmask[None, :])
+
+
+@triton.jit
+def _decode_apply_kernel(y_ptr, b_ptr, g_ptr, c_ptr, z_ptr, sqp_ptr, ratio_ptr, mask_ptr,
+                         M, N, R, n_parts, tau,
+                         s_ym, s_yn, s_bn, s_br,
+                         HAS_TAU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                         RP: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr, RTNE_BF16: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BM)
+    rmask = rows < M
+    rr = tl.arange(0, RP)
+    rrmask = rr < R
+    z = tl.load(z_ptr + rows[:, None] * R + rr[None, :], mask=rmask[:, None] & rrmask[None, :], other=0.0)
+    c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
+    if HAS_TAU:
+        sq = tl.zeros((BM,), dtype=tl.float32)
+        for p0 in range(0, n_parts, BP):
+            ps = p0 + tl.arange(0, BP)
+            part = tl.load(sqp_ptr + ps[:, None] * BM + rows[None, :], mask=(ps < n_parts)[:, None], other=0.0)
+            sq += tl.sum(part, axis=0)
+        g = tl.load(g_ptr + rr[:, None] * RP + rr[None, :], mask=rrmask[:, None] & rrmask[None, :], other=0.0)
+        zg = tl.dot(z, g, input_precision="ieee")
+        dsq = tl.maximum(tl.sum(zg * z, axis=1), 0.0)
+        ratio = tl.abs(c) * tl.sqrt(dsq) / tl.maximum(tl.sqrt(sq), EPS)
+        active = ratio >= tau
+        if pid == 0:
+            tl.store(ratio_ptr + rows, ratio, mask=rmask)
+            tl.store(mask_ptr + rows, active.to(tl.int8), mask=rmask)
+        act = rmask & active
+    else:
+        if pid == 0:
+            tl.store(mask_ptr + rows, tl.full((BM,), 1, tl.int8), mask=rmask)
+        act = rmask
+    cols = pid * BN + tl.arange(0, BN)
+    cmask = cols < N
+    bt = tl.load(b_ptr + cols[None, :] * s_bn + rr[:, None] * s_br,
+                 mask=cmask[None, :] & rrmask[:, None], other=0.0).to(tl.float32)
+    d = tl.dot(z * c[:, None], bt, input_precision=PREC)
+    yp = y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn
+    ym = act[:, None] & cmask[None, :]
+    yt = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
+    tl.store(yp, _to_out(yt + d, y_ptr.dtype.element_ty, RTNE_BF16), mask=ym)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_rows_kernel(gy_ptr, b_ptr, z_ptr, c_ptr, mask_ptr, a_ptr, dx_ptr, ds_ptr, uz_ptr, v_ptr, w_ptr,
+                     M, N, K, R,
+                     s_gm, s_gn, s_bn, s_br, s_ar, s_ak, s_dm, s_dk, s_sm, s_sk,
+                     NEED_UZ: tl.constexpr, NEED_ADAPTER: tl.constexpr, NEED_DX: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    rr = tl.arange(0, RP)
+    rrmask = rr < R
+    m = tl.load(mask_ptr + rows, mask=rmask, other=0) != 0
+    act = rmask & m
+    # μ needs u on every token; v only on active ones, so masked rows of gy are not read unless needed
+    if NEED_UZ:
+        ld = rmask
+    else:
+        ld = act
+    u = tl.zeros((BM, RP), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        ns = n0 + tl.arange(0, BN)
+        nmask = ns < N
+        gt = tl.load(gy_ptr + rows64[:, None] * s_gm + ns[None, :] * s_gn,
+                     mask=ld[:, None] & nmask[None, :], other=0.0)
+        bt = tl.load(b_ptr + ns[:, None] * s_bn + rr[None, :] * s_br,
+                     mask=nmask[:, None] & rrmask[None, :], other=0.0)
+        if UPCAST:
+            gt = gt.to(tl.float32)
+            bt = bt.to(tl.float32)
+        u = tl.dot(gt, bt, u, input_precision=XPREC)
+    c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
+    if NEED_UZ or NEED_ADAPTER:
+        z = tl.load(z_ptr + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rrmask[None, :], other=0.0)
+        if NEED_UZ:
+            tl.store(uz_ptr + rows, tl.sum(u * z, axis=1), mask=rmask)
+        if NEED_ADAPTER:
+            wv = tl.where(act[:, None], z * c[:, None], 0.0)
+            tl.store(w_ptr + rows64[:, None] * RP + rr[None, :], wv, mask=rmask[:, None])
+    v = tl.where(act[:, None], u * c[:, None], 0.0)
+    if NEED_ADAPTER:
+        tl.store(v_ptr + rows64[:, None] * RP + rr[None, :], v, mask=rmask[:, None])
+    if NEED_DX:
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            at = tl.load(a_ptr + rr[:, None] * s_ar + ks[None, :] * s_ak,
+                         mask=rrmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            t = tl.dot(v, at, input_precision=PREC)
+            xm = act[:, None] & kmask[None, :]
+            if HAS_DROPOUT:
+                t = t * tl.load(ds_ptr + rows64[:, None] * s_sm + ks[None, :] * s_sk, mask=xm, other=0.0).to(tl.float32)
+            dp = dx_ptr + rows64[:, None] * s_dm + ks[None, :] * s_dk
+            dt = tl.load(dp, mask=xm, other=0.0).to(tl.float32)
+            tl.store(dp, _to_out(dt + t, dx_ptr.dtype.element_ty, RTNE_BF16), mask=xm)
+
+
+@triton.jit
+def _rank_reduce_kernel(p_ptr, q_ptr, mask_ptr, out_ptr, M, D, rows_per_split,
+                        s_qm, s_qd,
+                        BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr,
+                        PREC: tl.constexpr):
+    """out[s] (RP × D, fp32) = Σ_{i in split s, mask_i} P_iᵀ Q_i with P (M × RP) fp32, Q (M × D)."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_d * BD + tl.arange(0, BD)
+    cmask = cols < D
+    rr = tl.arange(0, RP)
+    acc = tl.zeros((RP, BD), dtype=tl.float32)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BM):
+        rows = m0 + tl.arange(0, BM)
+        rows64 = rows.to(tl.int64)
+        act = (rows < m_end) & (tl.load(mask_ptr + rows, mask=rows < m_end, other=0) != 0)
+        pt = tl.load(p_ptr + rows64[None, :] * RP + rr[:, None], mask=act[None, :], other=0.0)
+        qt = tl.load(q_ptr + rows64[:, None] * s_qm + cols[None, :] * s_qd,
+                     mask=act[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(pt, qt, acc, input_precision=PREC)
+    tl.store(out_ptr + pid_s.to(tl.int64) * RP * D + rr[:, None] * D + cols[None, :], acc, mask=cmask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _rows_block(M: int, device: torch.device) -> int:
+    """Rows per program of the memory-bound rows passes: 32, or 16 when that leaves SMs idle."""
+    if INTERPRET:
+        return 16
+    return 32 if triton.cdiv(M, 32) >= 2 * _num_sms(device) else 16
+
+
+def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
+    M, K = x.shape
+    N, R = lora_B.shape
+    RP = _rank_pad(R)
+    y = F.linear(x, weight, bias)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    z = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    mask = torch.empty((M,), dtype=torch.bool, device=x.device)
+    if tau is None:
+        ratio, gram = None, z
+    else:
+        ratio = torch.empty((M,), dtype=torch.float32, device=x.device)
+        bf = lora_B.float()
+        gram = (bf.t() @ bf).contiguous()
+    BM = _rows_block(M, x.device)
+    _fwd_rows_kernel[(triton.cdiv(M, BM),)](
+        y, x_lora, lora_A, lora_B, gram, cscale, z, ratio if ratio is not None else z, mask.view(torch.int8),
+        M, N, K, R, 0.0 if tau is None else float(tau),
+        y.stride(0), y.stride(1), x_lora.stride(0), x_lora.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1),
+        HAS_TAU=tau is not None, BM=BM, BN=64 if INTERPRET else 128, BK=64 if INTERPRET else 128, RP=RP,
+        UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype), PREC=_prec(x.dtype), EPS=NORM_EPS, num_warps=4)
+    return ForwardResult(y, z, ratio, mask)
+
+
+def _forward_decode(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
+    """M ≤ DECODE_MAX_M. Uses x̃ for z, so x_lora must be x (no dropout) — callers check."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    RP = _rank_pad(R)
+    BM = max(16, triton.next_power_of_2(M))
+    BN = 32
+    BK = 64 if INTERPRET else 256
+    n_wblk = triton.cdiv(N, BN)
+    dev = x.device
+    y = torch.empty((M, N), dtype=x.dtype, device=dev)
+    z = torch.empty((M, R), dtype=torch.float32, device=dev)
+    mask = torch.empty((M,), dtype=torch.bool, device=dev)
+    has_tau = tau is not None
+    if has_tau:
+        sqp = torch.empty((n_wblk, BM), dtype=torch.float32, device=dev)
+        gram = torch.empty((RP, RP), dtype=torch.float32, device=dev)
+        ratio = torch.empty((M,), dtype=torch.float32, device=dev)
+    else:
+        sqp = gram = z
+        ratio = None
+    _decode_base_kernel[(n_wblk + triton.cdiv(R, BN),)](
+        x, weight, bias if bias is not None else x, lora_A, lora_B, y, sqp, z, gram,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_TAU=has_tau, BM=BM, BN=BN, BK=BK, BNG=64 if INTERPRET else 128,
+        RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype), num_warps=4, num_stages=1 if INTERPRET else 4)
+    BN2 = 64 if INTERPRET else 128
+    _decode_apply_kernel[(triton.cdiv(N, BN2),)](
+        y, lora_B, gram, cscale, z, sqp, ratio if ratio is not None else z, mask.view(torch.int8),
+        M, N, R, n_wblk, 0.0 if tau is None else float(tau),
+        y.stride(0), y.stride(1), lora_B.stride(0), lora_B.stride(1),
+        HAS_TAU=has_tau, BM=BM, BN=BN2, BP=64, RP=RP, PREC=_prec(x.dtype), EPS=NORM_EPS,
+        RTNE_BF16=_rtne(x.dtype), num_warps=4)
+    return ForwardResult(y, z, ratio, mask)
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau: Optional[float]) -> ForwardResult:
+    """Same contract as :func:`pyflex.reference.lora_forward`.
+
+    x, x_lora (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r): one dtype
+    (fp16/bf16/fp32 run the kernels; fp64 runs the PyTorch reference). cscale (M,) float.
+    Returns ForwardResult(y (M, N) x.dtype, z (M, r) fp32, ratio (M,) fp32 or None, mask (M,) bool).
+    """
+    if x.dtype == torch.float64:
+        return reference.lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau)
+    M = x.shape[0]
+    N, R = lora_B.shape
+    if M == 0:
+        y = F.linear(x, weight, bias)
+        z = torch.empty((0, R), dtype=torch.float32, device=x.device)
+        ratio = None if tau is None else torch.empty((0,), dtype=torch.float32, device=x.device)
+        return ForwardResult(y, z, ratio, torch.ones((0,), dtype=torch.bool, device=x.device))
+    cscale = cscale.to(torch.float32).contiguous()
+    if M <= DECODE_MAX_M and (x_lora is x or x_lora.data_ptr() == x.data_ptr() and x_lora.stride() == x.stride()):
+        return _forward_decode(x, weight, bias, lora_A, lora_B, x, cscale, tau)
+    return _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau)
+
+
+def _rank_reduce(p: torch.Tensor, q: torch.Tensor, mask_i8: torch.Tensor, R: int) -> torch.Tensor:
+    """Σ_i mask_i · p_iᵀ q_i → (R, D) fp32, p (M, RP) fp32 contiguous, q (M, D)."""
+    M, D = q.shape
+    RP = p.shape[1]
+    BM = 16 if INTERPRET else 64
+    BD = 64 if INTERPRET else 128
+    n_d = triton.cdiv(D, BD)
+    target = 4 * _num_sms(q.device)
+    splits = max(1, min(triton.cdiv(target, n_d), triton.cdiv(M, BM)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BM) * BM
+    splits = triton.cdiv(M, rows_per_split)
+    out = torch.empty((splits, RP, D), dtype=torch.float32, device=q.device)
+    _rank_reduce_kernel[(n_d, splits)](
+        p, q, mask_i8, out, M, D, rows_per_split, q.stride(0), q.stride(1),
+        BM=BM, BD=BD, RP=RP, UPCAST=INTERPRET, PREC=_prec(q.dtype), num_warps=4)
+    return out.sum(0)[:R] if splits > 1 else out[0, :R]
+
+
+def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
+                  need_dx: bool, need_dweight: bool, need_dbias: bool, need_adapter: bool,
+                  need_uz: bool, dropout_scale: Optional[torch.Tensor] = None) -> BackwardResult:
+    """Same contract as :func:`pyflex.reference.lora_backward`.
+
+    gy (M, N) in the input dtype; z (M, r) fp32 (needed when need_adapter or need_uz); cscale (M,);
+    mask (M,) bool; dropout_scale (M, K) or None. dx, dweight, dbias from cuBLAS (+ the fused LoRA term
+    of dx); uz (M,) fp32; dA (r, K), dB (N, r) in the adapter dtype.
+    """
+    if gy.dtype == torch.float64:
+        return reference.lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask,
+                                       need_dx=need_dx, need_dweight=need_dweight, need_dbias=need_dbias,
+                                       need_adapter=need_adapter, need_uz=need_uz, dropout_scale=dropout_scale)
+    M, N = gy.shape
+    R = lora_B.shape[1]
+    dx = dweight = dbias = dA = dB = uz = None
+    if need_dx:
+        dx = gy @ weight
+    if need_dweight:
+        dweight = gy.t() @ x
+    if need_dbias:
+        dbias = gy.sum(0)
+    if not (need_dx or need_adapter or need_uz):
+        return BackwardResult(dx, dweight, dbias, dA, dB, uz)
+    adapter_dtype = lora_A.dtype if lora_A is not None else lora_B.dtype
+    if M == 0:
+        if need_uz:
+            uz = torch.empty((0,), dtype=torch.float32, device=gy.device)
+        if need_adapter:
+            K = x_lora.shape[1]
+            dA = torch.zeros((R, K), dtype=adapter_dtype, device=gy.device)
+            dB = torch.zeros_like(lora_B)
+        return BackwardResult(dx, dweight, dbias, dA, dB, uz)
+    RP = _rank_pad(R)
+    dev = gy.device
+    cscale = cscale.to(torch.float32).contiguous()
+    mask_i8 = mask.contiguous().view(torch.int8)
+    if need_dx and not dx.is_contiguous():
+        dx = dx.contiguous()
+    if need_uz:
+        uz = torch.empty((M,), dtype=torch.float32, device=dev)
+    if need_adapter:
+        v = torch.empty((M, RP), dtype=torch.float32, device=dev)
+        w = torch.empty((M, RP), dtype=torch.float32, device=dev)
+    else:
+        v = w = cscale
+    zz = z if z is not None else cscale
+    K = dx.shape[1] if need_dx else 0
+    a_arg = lora_A if need_dx else lora_B
+    dx_arg = dx if need_dx else gy
+    ds = dropout_scale if (need_dx and dropout_scale is not None) else dx_arg
+    BM = _rows_block(M, dev)
+    _bwd_rows_kernel[(triton.cdiv(M, BM),)](
+        gy, lora_B, zz, cscale, mask_i8, a_arg, dx_arg, ds, uz if uz is not None else cscale, v, w,
+        M, N, K, R,
+        gy.stride(0), gy.stride(1), lora_B.stride(0), lora_B.stride(1), a_arg.stride(0), a_arg.stride(1),
+        dx_arg.stride(0), dx_arg.stride(1), ds.stride(0), ds.stride(1),
+        NEED_UZ=need_uz, NEED_ADAPTER=need_adapter, NEED_DX=need_dx,
+        HAS_DROPOUT=need_dx and dropout_scale is not None,
+        BM=BM, BN=64 if INTERPRET else 128, BK=64 if INTERPRET else 128, RP=RP,
+        UPCAST=INTERPRET, RTNE_BF16=_rtne(gy.dtype), XPREC=_prec(gy.dtype), PREC=_prec(gy.dtype), num_warps=4)
+    if need_adapter:
+        dA = _rank_reduce(v, x_lora, mask_i8, R).to(adapter_dtype)
+        dB = _rank_reduce(w, gy, mask_i8, R).t().to(lora_B.dtype)
+    return BackwardResult(dx, dweight, dbias, dA, dB, uz)

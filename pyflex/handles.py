@@ -1,0 +1,293 @@
+"""Layer handles (DESIGN.md §5): the only interface plans and schedules use.
+
+After :func:`pyflex.patch_model` the model carries a :class:`LayerRegistry` (``pyflex.get_registry(model)``), one
+:class:`LayerHandle` per decoder/encoder layer, ordered by index.
+
+Freezing never removes a parameter from an optimizer: a frozen parameter has ``requires_grad=False`` and
+``grad=None``, so AdamW skips it, and it trains again as soon as it is switched back on.
+
+Frozen prefix: while grad is enabled, every layer below :meth:`LayerRegistry.lowest_trainable` runs under
+``torch.no_grad()`` (a forward pre-hook switches grad mode off, a forward hook that runs even on error switches it
+back). Its outputs are plain tensors without history: no activations saved, no backward reaches it. The outputs are
+the same numbers. Skipping is off while the input embeddings train (their gradient flows through every layer).
+Under *reentrant* activation checkpointing the first trainable layer's hidden-state input is made a leaf that
+requires grad, because a reentrant checkpoint only back-propagates when an input requires grad.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["LayerHandle", "LayerRegistry", "REGISTRY_ATTR"]
+
+REGISTRY_ATTR = "_pyflex_registry"
+
+
+def _unique(params: Iterable[nn.Parameter]) -> List[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _module_adapter_parameters(module: nn.Module) -> List[nn.Parameter]:
+    # FlexLinear owns the base weight too; only its adapter parameters count.
+    getter = getattr(module, "adapter_parameters", None)
+    return list(getter()) if callable(getter) else list(module.parameters())
+
+
+class LayerHandle:
+    """One decoder/encoder layer: its index, its block, its adapters, a trainable switch and a response scale β.
+
+    adapters: qualified module name (from the top model) → adapter module (FlexLinear, gates, prefixes, ...).
+    """
+
+    def __init__(self, index: int, block: nn.Module, name: str = ""):
+        self.index = int(index)
+        self.block = block
+        self.name = name
+        self.adapters: Dict[str, nn.Module] = {}
+        self._response_scale = 1.0
+
+    def __repr__(self) -> str:
+        return (f"LayerHandle(index={self.index}, name={self.name!r}, adapters={list(self.adapters)}, "
+                f"trainable={self.trainable}, response_scale={self._response_scale:g})")
+
+    def add_adapter(self, name: str, module: nn.Module) -> None:
+        """Register another adapter module of this layer (a gate, a prefix...). Create it before the optimizer.
+        It takes the layer's current β if it has a ``response_scale`` attribute."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"adapter {name!r} must be an nn.Module, got {type(module).__name__}")
+        if name in self.adapters and self.adapters[name] is not module:
+            raise ValueError(f"layer {self.index} already has an adapter named {name!r}")
+        self.adapters[name] = module
+        if hasattr(module, "response_scale"):
+            module.response_scale = self._response_scale
+
+    def parameters(self) -> List[nn.Parameter]:
+        """The adapter parameters of this layer (lora_A, lora_B, tau, gates, prefixes), trainable or not."""
+        return _unique(p for module in self.adapters.values() for p in _module_adapter_parameters(module))
+
+    def named_parameters(self) -> Iterator:
+        for mod_name, module in self.adapters.items():
+            for p_name, p in module.named_parameters():
+                if any(p is q for q in _module_adapter_parameters(module)):
+                    yield f"{mod_name}.{p_name}", p
+
+    @property
+    def trainable(self) -> bool:
+        """True when any adapter parameter of this layer, or any parameter of its block, requires grad."""
+        return any(p.requires_grad for p in self.parameters()) or any(p.requires_grad for p in self.block.parameters())
+
+    def set_trainable(self, flag: bool, *, full_block: bool = False) -> None:
+        """Switch this layer's adapter parameters on/off (``requires_grad_`` and, when off, ``grad = None``).
+
+        full_block=True switches every parameter of the block too (the base weights: LIFT's full mode).
+        With full_block=False the block's base parameters are left as they are.
+        """
+        flag = bool(flag)
+        params = self.parameters()
+        if full_block:
+            params = _unique(params + list(self.block.parameters()))
+        for p in params:
+            p.requires_grad_(flag)
+            if not flag:
+                p.grad = None
+
+    @property
+    def response_scale(self) -> float:
+        """β: multiplies the adapter output of every adapter of this layer (IST's response suppression)."""
+        return self._response_scale
+
+    @response_scale.setter
+    def response_scale(self, value: float) -> None:
+        value = float(value)
+        if not value >= 0.0:
+            raise ValueError(f"response_scale={value} is not allowed; β must be >= 0")
+        self._response_scale = value
+        for module in self.adapters.values():
+            if hasattr(module, "response_scale"):
+                module.response_scale = value
+
+
+class _PrefixPreHook:
+    """Forward pre-hook of one block. A class (not a closure) so that deepcopy/pickle rebind it to the copied
+    registry."""
+
+    def __init__(self, registry: "LayerRegistry", index: int):
+        self.registry = registry
+        self.index = index
+
+    def __call__(self, module, args, kwargs):
+        return self.registry._before_block(self.index, module, args, kwargs)
+
+
+class _PrefixPostHook:
+    def __init__(self, registry: "LayerRegistry", index: int):
+        self.registry = registry
+        self.index = index
+
+    def __call__(self, module, args, kwargs, output):
+        self.registry._after_block(self.index)
+        return None
+
+
+class LayerRegistry:
+    """The model's layers, in order. ``registry[i]`` is layer i's :class:`LayerHandle`.
+
+    Attributes:
+        layers: list of LayerHandle, ordered by index.
+        skip_frozen_prefix: run the layers below :meth:`lowest_trainable` without autograd (default True).
+        extra_adapters: adapters outside every layer (qualified name → module), e.g. an explicitly targeted head.
+        config: the arguments patch_model was called with (read by pyflex.io).
+        spec: the models.FamilySpec of the model, or None.
+    """
+
+    def __init__(self, model: nn.Module, blocks: List[nn.Module], block_names: List[str], spec=None,
+                 layers_path: str = ""):
+        self.model = model
+        self.layers: List[LayerHandle] = [LayerHandle(i, b, n) for i, (b, n) in enumerate(zip(blocks, block_names))]
+        self.skip_frozen_prefix = True
+        self.extra_adapters: Dict[str, nn.Module] = {}
+        self.config: dict = {}
+        self.spec = spec
+        self.layers_path = layers_path
+        self._lowest_cache: Optional[int] = None
+        self._last_index = None
+        self._grad_stack: Dict[int, List[bool]] = {}
+
+    # -- container ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> LayerHandle:
+        return self.layers[index]
+
+    def __iter__(self) -> Iterator[LayerHandle]:
+        return iter(self.layers)
+
+    def __repr__(self) -> str:
+        return (f"LayerRegistry(num_layers={self.num_layers}, trainable={self.trainable_indices()}, "
+                f"skip_frozen_prefix={self.skip_frozen_prefix})")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # -- switches --------------------------------------------------------------------------------
+    def trainable_indices(self) -> List[int]:
+        return [h.index for h in self.layers if h.trainable]
+
+    def lowest_trainable(self) -> Optional[int]:
+        for handle in self.layers:
+            if handle.trainable:
+                return handle.index
+        return None
+
+    def _check_indices(self, indices: Iterable[int]) -> List[int]:
+        out = []
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int) and not (isinstance(i, torch.Tensor) and i.numel() == 1):
+                raise TypeError(f"layer index {i!r} must be an int")
+            i = int(i)
+            if not 0 <= i < self.num_layers:
+                raise IndexError(f"layer index {i} is out of range; the model has {self.num_layers} layers "
+                                 f"(0..{self.num_layers - 1})")
+            out.append(i)
+        return out
+
+    def set_active(self, indices: Iterable[int], *, full_block: bool = False) -> None:
+        """Make exactly the layers in ``indices`` trainable and freeze all others (see LayerHandle.set_trainable)."""
+        active = set(self._check_indices(indices))
+        for handle in self.layers:
+            if handle.index not in active:
+                handle.set_trainable(False, full_block=full_block)
+        for handle in self.layers:
+            if handle.index in active:
+                handle.set_trainable(True, full_block=full_block)
+
+    def adapter_parameters(self) -> List[nn.Parameter]:
+        """Every adapter parameter of the model (all layers + extra adapters), trainable or not."""
+        params = [p for h in self.layers for p in h.parameters()]
+        params += [p for m in self.extra_adapters.values() for p in _module_adapter_parameters(m)]
+        return _unique(params)
+
+    def named_adapter_parameters(self) -> Dict[str, nn.Parameter]:
+        """Qualified name (as in ``model.named_parameters()``) → adapter parameter, in model order."""
+        wanted = {id(p) for p in self.adapter_parameters()}
+        return {n: p for n, p in self.model.named_parameters(remove_duplicate=True) if id(p) in wanted}
+
+    def adapter_modules(self) -> Dict[str, nn.Module]:
+        """Qualified name → adapter module, over all layers and the extra adapters."""
+        out: Dict[str, nn.Module] = {}
+        for handle in self.layers:
+            out.update(handle.adapters)
+        out.update(self.extra_adapters)
+        return out
+
+    def set_response_scale(self, value: float) -> None:
+        for handle in self.layers:
+            handle.response_scale = value
+
+    # -- frozen prefix ---------------------------------------------------------------------------
+    def _upstream_trains(self) -> bool:
+        get = getattr(self.model, "get_input_embeddings", None)
+        try:
+            emb = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            emb = None
+        return emb is not None and any(p.requires_grad for p in emb.parameters())
+
+    def _skip_limit(self, index: int) -> int:
+        """Layers with index below the returned value run without autograd. Recomputed once per forward pass
+        (when the layer index does not increase), so a forward costs one scan of the parameters."""
+        if self._lowest_cache is None or self._last_index is None or index <= self._last_index:
+            if self._upstream_trains():
+                self._lowest_cache = -1
+            else:
+                lowest = self.lowest_trainable()
+                self._lowest_cache = self.num_layers if lowest is None else lowest
+        self._last_index = index
+        return self._lowest_cache
+
+    def _before_block(self, index, module, args, kwargs):
+        if not torch.is_grad_enabled() or not self.skip_frozen_prefix:
+            self._last_index = None
+            return None
+        limit = self._skip_limit(index)
+        if index < limit:
+            self._grad_stack.setdefault(index, []).append(True)
+            torch.set_grad_enabled(False)
+            return None
+        if index == limit and getattr(module, "gradient_checkpointing", False) and module.training:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            reentrant = getattr(func, "keywords", {}).get("use_reentrant", True) if func is not None else True
+            if reentrant and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() \
+                    and not args[0].requires_grad:
+                # A reentrant checkpoint back-propagates only when an input requires grad.
+                return (args[0].detach().requires_grad_(True),) + tuple(args[1:]), kwargs
+        return None
+
+    def _after_block(self, index):
+        stack = self._grad_stack.get(index)
+        if stack:
+            torch.set_grad_enabled(stack.pop())
+
+    def _attach_hooks(self) -> None:
+        for handle in self.layers:
+            handle.block.register_forward_pre_hook(_PrefixPreHook(self, handle.index), with_kwargs=True)
+            handle.block.register_forward_hook(_PrefixPostHook(self, handle.index), with_kwargs=True,
+                                               always_call=True)
+
+    def _detach_hooks(self) -> None:
+        for handle in self.layers:
+            for hooks in (handle.block._forward_pre_hooks, handle.block._forward_hooks):
+                for key in [k for k, h in hooks.items() if isinstance(h, (_PrefixPreHook, _PrefixPostHook))]:
+                    del hooks[key]
+                    for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                                  "_forward_pre_hooks_with_kwargs"):
+                        getattr(handle.block, extra, {}).pop(key, None)

@@ -1,0 +1,258 @@
+"""`patch_model` / `unpatch` / `merge` / `get_registry`: swap target linears for FlexLinear in place.
+
+Per-family knowledge (layer list, projection names) comes from :mod:`pyflex.models`; nothing here is family-specific.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .handles import REGISTRY_ATTR, LayerRegistry
+from .layers import FlexLinear, is_linear_like
+from .models import resolve_layers, supported_families
+
+__all__ = ["patch_model", "unpatch", "merge", "get_registry", "is_patched", "find_targets"]
+
+_BIAS_MODES = ("none", "all", "lora_only")
+_ROLE_TARGETS = ("attention", "ffn", "ffn_down")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel / DataParallel / accelerate wrappers keep the model in `.module`.
+    while not hasattr(model, REGISTRY_ATTR) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(_unwrap(model), REGISTRY_ATTR, None) is not None
+
+
+def get_registry(model: nn.Module) -> LayerRegistry:
+    """The :class:`~pyflex.handles.LayerRegistry` that :func:`patch_model` attached to ``model``."""
+    registry = getattr(_unwrap(model), REGISTRY_ATTR, None)
+    if registry is None:
+        raise ValueError(f"{type(model).__name__} is not patched by pyflex (no layer registry); "
+                         "call pyflex.patch_model(model, ...) first")
+    return registry
+
+
+def _layer_indices(layers, num_layers: int) -> List[int]:
+    if layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    try:
+        indices = [int(i) for i in layers]
+    except (TypeError, ValueError):
+        raise TypeError(f"layers={layers!r} must be None, an int, a range or a list of layer indices") from None
+    for i in indices:
+        if not 0 <= i < num_layers:
+            raise ValueError(f"layers contains {i}, out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+    if not indices:
+        raise ValueError("layers=[] selects no layer; pass None for all layers")
+    return sorted(set(indices))
+
+
+def _name_matches(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)
+
+
+def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]] = "all-linear", layers=None,
+                 layers_path: Optional[str] = None) -> List[str]:
+    """Qualified names of the modules :func:`patch_model` would replace (see its docstring for the rules)."""
+    layer_list, spec = resolve_layers(model, layers_path)
+    names_by_id = {id(m): n for n, m in model.named_modules()}
+    block_names = [names_by_id[id(b)] for b in layer_list]
+    indices = _layer_indices(layers, len(layer_list))
+    selected_prefixes = tuple(block_names[i] + "." for i in indices)
+    restrict = layers is not None
+
+    all_modules = [(n, m) for n, m in model.named_modules() if n]
+    linears = [(n, m) for n, m in all_modules if is_linear_like(m) and not isinstance(m, FlexLinear)]
+    in_layers = [n for n, _ in linears if n.startswith(selected_prefixes)]
+    scope = in_layers if restrict else [n for n, _ in linears]
+    where = f" in layers {indices}" if restrict else ""
+
+    if isinstance(target_modules, str) and target_modules in ("all-linear",) + _ROLE_TARGETS:
+        if target_modules == "all-linear":
+            # Every Linear/Conv1D inside the selected layers; output heads live outside the layers.
+            found = in_layers
+        else:
+            if spec is None:
+                raise ValueError(f"target_modules={target_modules!r} needs a known family; "
+                                 f"supported: {', '.join(supported_families())}")
+            rel = {"attention": spec.attention, "ffn": spec.ffn, "ffn_down": (spec.ffn_down,)}[target_modules]
+            found = [n for n in in_layers if any(n == p + r for p in selected_prefixes for r in rel)]
+        if not found:
+            raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D module{where}")
+        return found
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules={target_modules!r} is neither 'all-linear', one of {_ROLE_TARGETS}, "
+                             f"nor a valid regex ({exc})") from None
+        found = [n for n in scope if pattern.fullmatch(n)]
+        if not found:
+            examples = ", ".join(scope[:4])
+            raise ValueError(f"target_modules regex {target_modules!r} fully matches no nn.Linear/Conv1D module{where}; "
+                             f"module names look like: {examples}")
+        return found
+    if isinstance(target_modules, (list, tuple, set, frozenset)) and target_modules:
+        found: List[str] = []
+        for target in target_modules:
+            if not isinstance(target, str) or not target:
+                raise TypeError(f"target_modules entries must be non-empty str, got {target!r}")
+            hits = [n for n, _ in all_modules if _name_matches(n, target)
+                    and (not restrict or n.startswith(selected_prefixes))]
+            if not hits:
+                raise ValueError(f"target_modules entry {target!r} matches no module{where}; it must equal a module "
+                                 f"name or its dotted suffix (e.g. 'q_proj' or 'self_attn.q_proj')")
+            modules = dict(all_modules)
+            bad = [n for n in hits if not is_linear_like(modules[n])]
+            if bad:
+                raise ValueError(f"target_modules entry {target!r} matches {bad[0]!r} of type "
+                                 f"{type(modules[bad[0]]).__name__}; only nn.Linear and GPT-2 Conv1D can be patched")
+            found.extend(h for h in hits if h not in found)
+        order = {n: i for i, (n, _) in enumerate(all_modules)}
+        return sorted(found, key=order.__getitem__)
+    raise TypeError(f"target_modules={target_modules!r} must be 'all-linear', one of {_ROLE_TARGETS}, a regex string "
+                    "or a non-empty list of module names")
+
+
+def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool = False, dropout: float = 0.0,
+                target_modules: Union[str, Sequence[str]] = "all-linear", layers: Union[None, int, Iterable[int]] = None,
+                tau: bool = False, lam: float = 0.0, tau0: float = 0.0, bias: str = "none",
+                adapter_dtype: Optional[torch.dtype] = None, train_bias: bool = False,
+                layers_path: Optional[str] = None) -> nn.Module:
+    """Replace the target linears of ``model`` by :class:`~pyflex.FlexLinear` in place and return ``model``.
+
+    Afterwards only the adapter parameters (lora_A, lora_B, tau) require grad, plus biases if asked.
+    Base parameter names and values are unchanged (``...q_proj.weight`` stays ``...q_proj.weight``).
+
+    Args:
+        r, alpha, rslora, dropout: LoRA rank, α, rsLoRA scaling (α/√r), dropout on the LoRA input (as PEFT).
+        target_modules:
+            ``"all-linear"``  every nn.Linear / GPT-2 Conv1D inside the decoder/encoder layers (never the LM head,
+                              nor anything outside the layers: e.g. BERT's pooler, unlike PEFT);
+            ``"attention"`` / ``"ffn"`` / ``"ffn_down"``: the family's projections from pyflex.models;
+            a list of names: a module matches when its qualified name equals an entry or ends with ``"." + entry``
+                              (PEFT's rule); every entry must match, and only Linear/Conv1D may match;
+            any other string: a regex that must fully match the qualified module name (PEFT's rule), tried on
+                              Linear/Conv1D modules only.
+        layers: None (all), an int, a range or list of layer indices: only modules inside these layers.
+        tau, lam, tau0: PEFT_S token mask with trainable threshold τ (initial tau0) and λ.
+        bias: "none" (all biases frozen), "all" (every bias in the model trains), "lora_only" (biases of patched
+            linears train). ``train_bias=True`` is the same as ``bias="lora_only"``.
+        adapter_dtype: dtype of lora_A/lora_B; default the base weight dtype (see FlexLinear).
+        layers_path: dotted path (from ``model``) of the layer ModuleList, for families outside pyflex.models.
+
+    Patching twice is an error: call :func:`unpatch` (or :func:`merge`) first, then patch with the new settings.
+    """
+    if is_patched(model) or any(isinstance(m, FlexLinear) for m in model.modules()):
+        raise RuntimeError("model is already patched by pyflex; patching twice is not supported. "
+                           "Call pyflex.unpatch(model) (or pyflex.merge(model)) first, then patch again")
+    if bias not in _BIAS_MODES:
+        raise ValueError(f"bias={bias!r} is not allowed; allowed: {', '.join(_BIAS_MODES)}")
+    if train_bias:
+        if bias == "all":
+            raise ValueError("train_bias=True conflicts with bias='all'; use one of them")
+        bias = "lora_only"
+    targets = find_targets(model, target_modules, layers, layers_path)
+    layer_list, spec = resolve_layers(model, layers_path)
+    names_by_id = {id(m): n for n, m in model.named_modules()}
+    block_names = [names_by_id[id(b)] for b in layer_list]
+    orig_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    # Build every FlexLinear before touching the model, so a bad argument leaves the model unchanged.
+    modules = dict(model.named_modules())
+    flex: Dict[str, FlexLinear] = {
+        name: FlexLinear(modules[name], r=r, alpha=alpha, rslora=rslora, dropout=dropout, tau=tau, lam=lam,
+                         tau0=tau0, adapter_dtype=adapter_dtype)
+        for name in targets
+    }
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in flex.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    if bias == "all":
+        for n, p in model.named_parameters():
+            if n == "bias" or n.endswith(".bias"):
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for layer in flex.values():
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+
+    registry = LayerRegistry(model, list(layer_list), block_names, spec=spec,
+                             layers_path=layers_path or _common_prefix(block_names))
+    for name, layer in flex.items():
+        for handle in registry.layers:
+            if name.startswith(handle.name + "."):
+                handle.add_adapter(name, layer)
+                break
+        else:
+            registry.extra_adapters[name] = layer
+    registry.config = dict(r=r, alpha=float(alpha), rslora=bool(rslora), dropout=float(dropout), tau=bool(tau),
+                           lam=float(lam), tau0=float(tau0), bias=bias,
+                           adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).replace("torch.", ""),
+                           target_modules=list(targets), layers_path=registry.layers_path,
+                           model_type=getattr(getattr(model, "config", None), "model_type", None))
+    registry._orig_requires_grad = orig_requires_grad
+    registry._attach_hooks()
+    object.__setattr__(model, REGISTRY_ATTR, registry)
+    return model
+
+
+def _common_prefix(block_names: List[str]) -> str:
+    return block_names[0].rpartition(".")[0] if block_names else ""
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the original nn.Linear / Conv1D modules back (same objects, same weights), drop the adapters and the
+    registry, and restore every base parameter's original ``requires_grad``. Returns ``model``.
+
+    Adapters that plans registered outside FlexLinear (e.g. prefixes) are dropped from the registry only;
+    the plan that added them removes them.
+    """
+    model = _unwrap(model)
+    registry = get_registry(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FlexLinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_module)
+    registry._detach_hooks()
+    orig = getattr(registry, "_orig_requires_grad", {})
+    for n, p in model.named_parameters():
+        if n in orig:
+            p.requires_grad_(orig[n])
+    delattr(model, REGISTRY_ATTR)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every LoRA delta into its base weight (W0 += s·β·B A; Conv1D transposed) and :func:`unpatch`.
+
+    Refuses, before changing anything, when any FlexLinear has the τ mask or a gate (the delta is per token
+    there), or when the registry holds adapters other than FlexLinear (e.g. prefixes).
+    """
+    model = _unwrap(model)
+    registry = get_registry(model)
+    for name, module in registry.adapter_modules().items():
+        if not isinstance(module, FlexLinear):
+            raise RuntimeError(f"cannot merge: adapter {name!r} is a {type(module).__name__}, which has no weight to "
+                               "fold into; remove it first")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, FlexLinear)]
+    for name, layer in layers:
+        try:
+            layer._check_mergeable()
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name}: {exc}") from None
+    for _, layer in layers:
+        if not layer.merged:
+            layer.merge()
+    return unpatch(model)

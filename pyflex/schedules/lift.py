@@ -1,0 +1,151 @@
+"""LIFT: fine-tune one block at a time (seeds/lift-appendix.txt, DESIGN §6).
+
+Sequence construction for ``total_steps = t`` over the N blocks of the layer range:
+
+* order — which block each *slot* holds:
+    ``front2end``  slots are the blocks in increasing index,
+    ``end2front``  in decreasing index,
+    ``random``     every slot draws a block uniformly with replacement from the range (the appendix's "permutation
+                   with replacement, a.k.a. uniform sampling"), from the schedule's seeded generator.
+* policy — how the t iterations are laid over the slots; every slot gets ⌊t/N⌋ iterations (appendix D):
+    ``grouped``  "0 0 1 1 2 2 3 3": each slot's iterations are contiguous (the paper's main setting),
+    ``cyclic``   "0 1 2 3 0 1 2 3": ⌊t/N⌋ passes over the slots (with ``random`` each pass draws its own slots).
+* remainder — the appendix only states ⌊t/N⌋ per block; the r = t mod N leftover iterations are appended at the
+  end: ``grouped`` gives them to the last slot's block, ``cyclic`` runs a partial pass over the first r slots
+  (for ``random`` a partial pass of r fresh draws). Steps past t wrap around to the start of the sequence.
+
+Target:
+* ``"lora"``: the block's adapters train (base frozen, as after patching).
+* ``"full"``: every parameter of the block trains (the paper's LIFT); FlexLinear's base weight gets its gradient
+  from the op's ∂W0. When the schedule leaves a block, that block's optimizer state is deleted (``opt.state[p]``)
+  unless ``keep_optimizer_state=True`` — LIFT's memory saving depends on it. The optimizer must be attached with
+  :meth:`LiftSchedule.attach_optimizer` for that.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .base import LayerSchedule
+
+ORDERS = ("front2end", "end2front", "random")
+POLICIES = ("grouped", "cyclic")
+TARGETS = ("lora", "full")
+
+
+def lift_sequence(blocks: Sequence[int], total_steps: int, *, order: str = "front2end", policy: str = "grouped",
+                  generator: Optional[torch.Generator] = None) -> List[int]:
+    """The block trained at each of ``total_steps`` iterations (see the module docstring)."""
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is not supported; allowed: {', '.join(ORDERS)}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is not supported; allowed: {', '.join(POLICIES)}")
+    blocks = list(blocks)
+    n = len(blocks)
+    if n == 0:
+        raise ValueError("blocks is empty; LIFT needs at least one block")
+    if not isinstance(total_steps, int) or total_steps < n:
+        raise ValueError(f"total_steps={total_steps!r} is not allowed; it must be an int >= the number of blocks ({n}) "
+                         "so that every block gets ⌊t/N⌋ >= 1 iterations")
+    per, rem = divmod(total_steps, n)
+    if order == "random" and generator is None:
+        raise ValueError("order='random' needs a torch.Generator (the schedule's seeded one)")
+
+    def slots(count: int) -> List[int]:
+        if order == "front2end":
+            return blocks[:count]
+        if order == "end2front":
+            return blocks[::-1][:count]
+        draws = torch.randint(0, n, (count,), generator=generator).tolist()
+        return [blocks[i] for i in draws]
+
+    seq: List[int] = []
+    if policy == "grouped":
+        order_slots = slots(n)
+        for b in order_slots:
+            seq.extend([b] * per)
+        seq.extend([order_slots[-1]] * rem)
+    else:
+        if order == "random":
+            for _ in range(per):
+                seq.extend(slots(n))
+            seq.extend(slots(rem) if rem else [])
+        else:
+            seq.extend(slots(n) * per)
+            seq.extend(slots(n)[:rem])
+    assert len(seq) == total_steps
+    return seq
+
+
+class LiftSchedule(LayerSchedule):
+    """One block at a time, in a fixed precomputed sequence.
+
+    Args:
+        model: a patched model (or its LayerRegistry).
+        total_steps: t, the number of training iterations the sequence covers (e.g. ``TrainerState.max_steps``).
+        order: "front2end" (paper default) | "end2front" | "random".
+        policy: "grouped" (paper default) | "cyclic".
+        layer_range: (start, stop) registry indices, half-open; default all layers (the paper's main setting).
+        layers: explicit list of block indices instead of a range.
+        target: "lora" (the block's adapters) | "full" (all the block's parameters).
+        keep_optimizer_state: in "full" mode, keep a left block's optimizer state (default: free it).
+        seed: seed of the private generator (used by order="random").
+    """
+
+    def __init__(self, model, total_steps: int, *, order: str = "front2end", policy: str = "grouped",
+                 layer_range: Optional[Tuple[int, int]] = None, layers: Optional[Sequence[int]] = None,
+                 target: str = "lora", keep_optimizer_state: bool = False, seed: int = 0):
+        if target not in TARGETS:
+            raise ValueError(f"target={target!r} is not supported; allowed: {', '.join(TARGETS)}")
+        if layer_range is not None and layers is not None:
+            raise ValueError("give either layer_range or layers, not both")
+        if layer_range is not None:
+            start, stop = layer_range
+            if not (isinstance(start, int) and isinstance(stop, int) and start < stop):
+                raise ValueError(f"layer_range={layer_range!r} must be (start, stop) ints with start < stop (half-open)")
+            layers = list(range(start, stop))
+        if layers is None and target == "full":
+            from .base import resolve_registry
+            layers = [h.index for h in resolve_registry(model).layers]
+        super().__init__(model, layers=layers, seed=seed, full_block=(target == "full"))
+        self.target = target
+        self.order = order
+        self.policy = policy
+        self.keep_optimizer_state = bool(keep_optimizer_state)
+        self.total_steps = total_steps
+        self.sequence: List[int] = lift_sequence(self.layers, total_steps, order=order, policy=policy,
+                                                 generator=self.generator)
+        self.freed_state_count = 0  # optimizer-state entries deleted so far (for tests and logging)
+
+    def _choose(self, batch: Any) -> List[int]:
+        return [self.sequence[self.step_count % len(self.sequence)]]
+
+    def _apply_active(self, active) -> None:
+        previous = list(self._active)
+        super()._apply_active(active)
+        if self.full_block and not self.keep_optimizer_state:
+            for i in previous:
+                if i not in self._active:
+                    self._free_optimizer_state(i)
+
+    def _free_optimizer_state(self, index: int) -> None:
+        if self.optimizer is None:
+            return
+        for p in self._params_of(index):
+            if p in self.optimizer.state:
+                del self.optimizer.state[p]
+                self.freed_state_count += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state.update(sequence=list(self.sequence), order=self.order, policy=self.policy, target=self.target,
+                     total_steps=self.total_steps)
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key in ("order", "policy", "target", "total_steps"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"state has {key}={state[key]!r} but this schedule has {key}={getattr(self, key)!r}")
+        self.sequence = list(state["sequence"])
+        super().load_state_dict(state)

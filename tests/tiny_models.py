@@ -1,0 +1,121 @@
+"""Tiny Hugging Face models built from configs (no hub access) and PEFT comparison helpers, shared by
+test_patch / test_io / test_compat."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+VOCAB = 64
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "bert")
+
+
+def tiny_config(family: str, layers: int = 3):
+    import transformers as tf
+    common = dict(vocab_size=VOCAB, attn_implementation="eager")
+    llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, **common)
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(sliding_window=None, **llama_like)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if family == "qwen3":
+        return tf.Qwen3Config(head_dim=8, **llama_like)
+    if family == "gemma2":
+        return tf.Gemma2Config(head_dim=8, query_pre_attn_scalar=8, sliding_window=16, pad_token_id=0, **llama_like)
+    if family == "phi3":
+        return tf.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **llama_like)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                             attn_pdrop=0.0, **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                                max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, **common)
+    if family == "bert":
+        return tf.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                             max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                             **common)
+    raise KeyError(family)
+
+
+def tiny_model(family: str = "llama", layers: int = 3, seed: int = 0) -> nn.Module:
+    import transformers as tf
+    torch.manual_seed(seed)
+    config = tiny_config(family, layers)
+    model = tf.BertForMaskedLM(config) if family == "bert" else tf.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def tokens(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def peft_lora_modules(peft_model):
+    """{qualified name in the base model: PEFT LoRA layer}."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and "default" in module.lora_A:
+            out[name.removeprefix("base_model.model.")] = module
+    return out
+
+
+def randomize_peft(peft_model, seed: int = 2, std: float = 0.2) -> None:
+    """Nonzero random lora_A and lora_B in every PEFT LoRA layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in peft_lora_modules(peft_model).values():
+            for p in (module.lora_A["default"].weight, module.lora_B["default"].weight):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def copy_peft_to_flex(peft_model, flex_model) -> int:
+    """Copy PEFT's LoRA weights into the matching FlexLinear modules; returns how many modules were copied."""
+    n = 0
+    with torch.no_grad():
+        for name, module in peft_lora_modules(peft_model).items():
+            flex = flex_model.get_submodule(name)
+            flex.lora_A.copy_(module.lora_A["default"].weight)
+            flex.lora_B.copy_(module.lora_B["default"].weight)
+            n += 1
+    return n
+
+
+def randomize_flex(model, seed: int = 3, std: float = 0.2) -> None:
+    import pyflex
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, pyflex.FlexLinear):
+                module.lora_A.copy_(torch.randn(module.lora_A.shape, generator=g) * std)
+                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g) * std)
+
+
+def lm_loss(model, ids):
+    out = model(input_ids=ids)
+    logits = out.logits
+    return logits, logits.float().pow(2).mean() + logits[..., :-1, :].log_softmax(-1).gather(
+        -1, ids[:, 1:, None]).mean() * -1.0
+
+
+def assert_close(a, b, atol=2e-5, rtol=1e-4, msg=""):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=msg or None)
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=False)
+def single_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core box intra-op threads oversubscribe badly (5-10x)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
