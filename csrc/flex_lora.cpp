@@ -364,6 +364,7 @@ BackwardTuple lora_backward(const Tensor& gy_in, const OptTensor& x, const OptTe
       u_a = at::mm(get_gy_a(), Bc).contiguous();
     }
 
+    if (!(need_dx || need_adapter)) return;  // only u·z was asked for (τ or the gate trains alone)
     if (Ma == 0) {
       if (need_adapter) {
         dA = at::zeros({r, xl.size(1)}, lora_B.options());

@@ -45,6 +45,30 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Token counts up to this take the decode path (one pass over W0 computing y0, z, Σy0² together).
 DECODE_MAX_M = 64
 
+# Block sizes of the compiled (GPU) kernels, picked with `bench/bench_gpu_flex_lora.py --sweep` on H100
+# bf16. BM=None: 32 rows per program when that still gives ≥ 2 programs per SM, else 16.
+GPU_CONFIG = {
+    "fwd_rows": dict(BM=None, BN=128, BK=128, num_warps=4),
+    "bwd_rows": dict(BM=None, BN=128, BK=128, num_warps=4),
+    "rank_reduce": dict(BM=64, BD=128, num_warps=4),
+    "decode": dict(BN=32, BN_LARGE_M=32, BK=256, BNG=128, BN_APPLY=128, num_warps=4, num_stages=3),
+}
+# Small blocks under the interpreter: fewer wasted lanes, faster tests.
+_INTERPRET_CONFIG = {
+    "fwd_rows": dict(BM=16, BN=64, BK=64, num_warps=4),
+    "bwd_rows": dict(BM=16, BN=64, BK=64, num_warps=4),
+    "rank_reduce": dict(BM=16, BD=64, num_warps=4),
+    "decode": dict(BN=32, BN_LARGE_M=32, BK=32, BNG=32, BN_APPLY=64, num_warps=4, num_stages=1),
+}
+
+
+def _config(name: str, M: int, device: torch.device, RP: int = 16) -> dict:
+    table = _INTERPRET_CONFIG if INTERPRET else GPU_CONFIG
+    cfg = dict(table.get((name, RP), table[name]))  # (name, padded rank) entries override per rank
+    if cfg.get("BM", 0) is None:
+        cfg["BM"] = 32 if triton.cdiv(M, 32) >= 2 * _num_sms(device) else 16
+    return cfg
+
 
 def _rank_pad(r: int) -> int:
     """tl.dot needs every dimension ≥ 16 and tl.arange needs powers of two."""
@@ -76,7 +100,7 @@ def _to_out(v, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 # forward: rows pass after the cuBLAS y0
 # ------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr, mask_ptr,
                      M, N, K, R, tau,
                      s_ym, s_yn, s_xm, s_xk, s_ar, s_ak, s_bn, s_br,
@@ -142,19 +166,24 @@ def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr
 # ------------------------------------------------------------------------------------------------
 # forward: decode path (small M): one pass over W0
 # ------------------------------------------------------------------------------------------------
-@triton.jit
-def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, z_ptr, g_ptr,
-                        M, N, K, R,
+@triton.jit(do_not_specialize=["M"])
+def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, zp_ptr, gp_ptr,
+                        M, N, K, R, KZ, NG,
                         s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_ym, s_yn,
-                        HAS_BIAS: tl.constexpr, HAS_TAU: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_TAU: tl.constexpr, NZ: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BNG: tl.constexpr,
                         RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr):
-    """Programs [0, cdiv(N, BN)) compute y0[:, block] (+bias) and its partial Σy0²; the following
-    cdiv(R, BN) programs treat A's rows like W0's rows and compute z[:, block] (and G[:, block])."""
+    """One launch, three kinds of programs that all run at once:
+    [0, cdiv(N, BN)): y0[:, block] (+bias), rounded, and its partial Σ y0² per row;
+    next NZ: partial z = x[:, k-range] A[:, k-range]ᵀ over K ranges of KZ (summed by the apply kernel);
+    next (with τ) cdiv(N, NG): partial Gram B[n-range]ᵀ B[n-range].
+    Splitting z and G over programs keeps every program's bytes close to a W0 block's."""
     pid = tl.program_id(0)
     n_wblk = tl.cdiv(N, BN)
     rows = tl.arange(0, BM)
     rmask = rows < M
+    rr = tl.arange(0, RP)
+    rrmask = rr < R
     if pid < n_wblk:
         cols = pid * BN + tl.arange(0, BN)
         cmask = cols < N
@@ -179,53 +208,53 @@ def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, z_
             # Σ over the rounded y0, as the reference squares the input-dtype y0
             yf = tl.where(ym, yv.to(tl.float32), 0.0)
             tl.store(sqp_ptr + pid * BM + rows, tl.sum(yf * yf, axis=1))
-    else:
-        rc = (pid - n_wblk) * BN + tl.arange(0, BN)
-        rcmask = rc < R
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
+    elif pid < n_wblk + NZ:
+        j = pid - n_wblk
+        acc = tl.zeros((BM, RP), dtype=tl.float32)
+        for k0 in range(j * KZ, tl.minimum(j * KZ + KZ, K), BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < K
             xt = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
-            at = tl.load(a_ptr + rc[None, :] * s_ar + ks[:, None] * s_ak,
-                         mask=rcmask[None, :] & kmask[:, None], other=0.0)
+            at = tl.load(a_ptr + rr[None, :] * s_ar + ks[:, None] * s_ak,
+                         mask=rrmask[None, :] & kmask[:, None], other=0.0)
             if UPCAST:
                 xt = xt.to(tl.float32)
                 at = at.to(tl.float32)
             acc = tl.dot(xt, at, acc, input_precision=XPREC)
-        tl.store(z_ptr + rows[:, None] * R + rc[None, :], acc, mask=rmask[:, None] & rcmask[None, :])
+        tl.store(zp_ptr + j * BM * RP + rows[:, None] * RP + rr[None, :], acc)
+    else:
         if HAS_TAU:
-            # G[:, block] = Bᵀ B[:, block]; 16-bit B goes to tensor cores natively (exact products)
-            rr = tl.arange(0, RP)
-            rrmask = rr < R
-            gacc = tl.zeros((RP, BN), dtype=tl.float32)
-            for n0 in range(0, N, BNG):
+            j = pid - n_wblk - NZ
+            gacc = tl.zeros((RP, RP), dtype=tl.float32)
+            for n0 in range(j * NG, tl.minimum(j * NG + NG, N), BNG):
                 ns = n0 + tl.arange(0, BNG)
-                nmask = ns < N
-                bfull = tl.load(b_ptr + ns[None, :] * s_bn + rr[:, None] * s_br,
-                                mask=nmask[None, :] & rrmask[:, None], other=0.0)
-                bcol = tl.load(b_ptr + ns[:, None] * s_bn + rc[None, :] * s_br,
-                               mask=nmask[:, None] & rcmask[None, :], other=0.0)
+                bt = tl.load(b_ptr + ns[:, None] * s_bn + rr[None, :] * s_br,
+                             mask=(ns < N)[:, None] & rrmask[None, :], other=0.0)
                 if UPCAST:
-                    bfull = bfull.to(tl.float32)
-                    bcol = bcol.to(tl.float32)
-                gacc = tl.dot(bfull, bcol, gacc, input_precision=XPREC)
-            tl.store(g_ptr + rr[:, None] * RP + rc[None, :], gacc, mask=rrmask[:, None] & rcmask[None, :])
+                    bt = bt.to(tl.float32)
+                # 16-bit B goes to tensor cores natively: exact products, fp32 sums
+                gacc = tl.dot(tl.trans(bt), bt, gacc, input_precision=XPREC)
+            tl.store(gp_ptr + j * RP * RP + rr[:, None] * RP + rr[None, :], gacc)
 
 
-@triton.jit
-def _decode_apply_kernel(y_ptr, b_ptr, g_ptr, c_ptr, z_ptr, sqp_ptr, ratio_ptr, mask_ptr,
+@triton.jit(do_not_specialize=["M"])
+def _decode_apply_kernel(y_ptr, b_ptr, gp_ptr, c_ptr, zp_ptr, z_ptr, sqp_ptr, ratio_ptr, mask_ptr,
                          M, N, R, n_parts, tau,
                          s_ym, s_yn, s_bn, s_br,
-                         HAS_TAU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                         HAS_TAU: tl.constexpr, NZ: tl.constexpr, NGP: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                          RP: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr, RTNE_BF16: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BM)
     rmask = rows < M
     rr = tl.arange(0, RP)
     rrmask = rr < R
-    z = tl.load(z_ptr + rows[:, None] * R + rr[None, :], mask=rmask[:, None] & rrmask[None, :], other=0.0)
+    z = tl.zeros((BM, RP), dtype=tl.float32)
+    for j in tl.static_range(NZ):
+        z += tl.load(zp_ptr + j * BM * RP + rows[:, None] * RP + rr[None, :])
+    if pid == 0:
+        tl.store(z_ptr + rows[:, None] * R + rr[None, :], z, mask=rmask[:, None] & rrmask[None, :])
     c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
     if HAS_TAU:
         sq = tl.zeros((BM,), dtype=tl.float32)
@@ -233,7 +262,9 @@ def _decode_apply_kernel(y_ptr, b_ptr, g_ptr, c_ptr, z_ptr, sqp_ptr, ratio_ptr, 
             ps = p0 + tl.arange(0, BP)
             part = tl.load(sqp_ptr + ps[:, None] * BM + rows[None, :], mask=(ps < n_parts)[:, None], other=0.0)
             sq += tl.sum(part, axis=0)
-        g = tl.load(g_ptr + rr[:, None] * RP + rr[None, :], mask=rrmask[:, None] & rrmask[None, :], other=0.0)
+        g = tl.zeros((RP, RP), dtype=tl.float32)
+        for j in tl.static_range(NGP):
+            g += tl.load(gp_ptr + j * RP * RP + rr[:, None] * RP + rr[None, :])
         zg = tl.dot(z, g, input_precision="ieee")
         dsq = tl.maximum(tl.sum(zg * z, axis=1), 0.0)
         ratio = tl.abs(c) * tl.sqrt(dsq) / tl.maximum(tl.sqrt(sq), EPS)
@@ -260,7 +291,7 @@ def _decode_apply_kernel(y_ptr, b_ptr, g_ptr, c_ptr, z_ptr, sqp_ptr, ratio_ptr, 
 # ------------------------------------------------------------------------------------------------
 # backward kernels
 # ------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _bwd_rows_kernel(gy_ptr, b_ptr, z_ptr, c_ptr, mask_ptr, a_ptr, dx_ptr, ds_ptr, uz_ptr, v_ptr, w_ptr,
                      M, N, K, R,
                      s_gm, s_gn, s_bn, s_br, s_ar, s_ak, s_dm, s_dk, s_sm, s_sk,
@@ -318,7 +349,7 @@ def _bwd_rows_kernel(gy_ptr, b_ptr, z_ptr, c_ptr, mask_ptr, a_ptr, dx_ptr, ds_pt
             tl.store(dp, _to_out(dt + t, dx_ptr.dtype.element_ty, RTNE_BF16), mask=xm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _rank_reduce_kernel(p_ptr, q_ptr, mask_ptr, out_ptr, M, D, rows_per_split,
                         s_qm, s_qd,
                         BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr,
@@ -352,13 +383,6 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _rows_block(M: int, device: torch.device) -> int:
-    """Rows per program of the memory-bound rows passes: 32, or 16 when that leaves SMs idle."""
-    if INTERPRET:
-        return 16
-    return 32 if triton.cdiv(M, 32) >= 2 * _num_sms(device) else 16
-
-
 def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
     M, K = x.shape
     N, R = lora_B.shape
@@ -374,51 +398,63 @@ def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
         ratio = torch.empty((M,), dtype=torch.float32, device=x.device)
         bf = lora_B.float()
         gram = (bf.t() @ bf).contiguous()
-    BM = _rows_block(M, x.device)
-    _fwd_rows_kernel[(triton.cdiv(M, BM),)](
+    cfg = _config("fwd_rows", M, x.device, RP)
+    _fwd_rows_kernel[(triton.cdiv(M, cfg["BM"]),)](
         y, x_lora, lora_A, lora_B, gram, cscale, z, ratio if ratio is not None else z, mask.view(torch.int8),
         M, N, K, R, 0.0 if tau is None else float(tau),
         y.stride(0), y.stride(1), x_lora.stride(0), x_lora.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
-        HAS_TAU=tau is not None, BM=BM, BN=64 if INTERPRET else 128, BK=64 if INTERPRET else 128, RP=RP,
-        UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype), PREC=_prec(x.dtype), EPS=NORM_EPS, num_warps=4)
+        HAS_TAU=tau is not None, RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype),
+        PREC=_prec(x.dtype), EPS=NORM_EPS, **cfg)
     return ForwardResult(y, z, ratio, mask)
 
 
-def _forward_decode(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
-    """M ≤ DECODE_MAX_M. Uses x̃ for z, so x_lora must be x (no dropout) — callers check."""
+def _forward_decode(x, weight, bias, lora_A, lora_B, cscale, tau):
+    """M ≤ DECODE_MAX_M and x̃ = x (no dropout). Two launches: _decode_base_kernel, _decode_apply_kernel."""
     M, K = x.shape
     N, R = lora_B.shape
     RP = _rank_pad(R)
     BM = max(16, triton.next_power_of_2(M))
-    BN = 32
-    BK = 64 if INTERPRET else 256
+    cfg = _INTERPRET_CONFIG["decode"] if INTERPRET else GPU_CONFIG["decode"]
+    BN = cfg["BN"] if M <= 16 else cfg["BN_LARGE_M"]
+    # shared memory per stage is (BM + BN)·BK·itemsize: 3 stages stay under the 227 KiB of an H100
+    BK = cfg["BK"] if x.element_size() == 2 else cfg["BK"] // 2
     n_wblk = triton.cdiv(N, BN)
+    # split the z and Gram work so that no program reads much more than one W0 block does
+    w_block_bytes = BN * K * x.element_size()
+    nz = max(1, min(8, triton.cdiv((R + M) * K * x.element_size(), w_block_bytes)))
+    KZ = triton.cdiv(triton.cdiv(K, nz), BK) * BK
+    nz = triton.cdiv(K, KZ)
+    has_tau = tau is not None
+    NG = triton.cdiv(triton.cdiv(N, max(1, min(8, triton.cdiv(N * R * lora_B.element_size(), w_block_bytes)))),
+                     cfg["BNG"]) * cfg["BNG"]
+    ng = triton.cdiv(N, NG) if has_tau else 0
     dev = x.device
     y = torch.empty((M, N), dtype=x.dtype, device=dev)
     z = torch.empty((M, R), dtype=torch.float32, device=dev)
+    zpart = torch.empty((nz, BM, RP), dtype=torch.float32, device=dev)
     mask = torch.empty((M,), dtype=torch.bool, device=dev)
-    has_tau = tau is not None
     if has_tau:
         sqp = torch.empty((n_wblk, BM), dtype=torch.float32, device=dev)
-        gram = torch.empty((RP, RP), dtype=torch.float32, device=dev)
+        gpart = torch.empty((ng, RP, RP), dtype=torch.float32, device=dev)
         ratio = torch.empty((M,), dtype=torch.float32, device=dev)
     else:
-        sqp = gram = z
+        sqp = gpart = z
         ratio = None
-    _decode_base_kernel[(n_wblk + triton.cdiv(R, BN),)](
-        x, weight, bias if bias is not None else x, lora_A, lora_B, y, sqp, z, gram,
-        M, N, K, R,
+    _decode_base_kernel[(n_wblk + nz + ng,)](
+        x, weight, bias if bias is not None else x, lora_A, lora_B, y, sqp, zpart, gpart,
+        M, N, K, R, KZ, NG,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_TAU=has_tau, BM=BM, BN=BN, BK=BK, BNG=64 if INTERPRET else 128,
-        RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype), num_warps=4, num_stages=1 if INTERPRET else 4)
-    BN2 = 64 if INTERPRET else 128
+        HAS_BIAS=bias is not None, HAS_TAU=has_tau, NZ=nz, BM=BM, BN=BN, BK=BK, BNG=cfg["BNG"],
+        RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    BN2 = cfg["BN_APPLY"]
     _decode_apply_kernel[(triton.cdiv(N, BN2),)](
-        y, lora_B, gram, cscale, z, sqp, ratio if ratio is not None else z, mask.view(torch.int8),
+        y, lora_B, gpart, cscale, zpart, z, sqp, ratio if ratio is not None else z, mask.view(torch.int8),
         M, N, R, n_wblk, 0.0 if tau is None else float(tau),
         y.stride(0), y.stride(1), lora_B.stride(0), lora_B.stride(1),
-        HAS_TAU=has_tau, BM=BM, BN=BN2, BP=64, RP=RP, PREC=_prec(x.dtype), EPS=NORM_EPS,
+        HAS_TAU=has_tau, NZ=nz, NGP=ng, BM=BM, BN=BN2, BP=64, RP=RP, PREC=_prec(x.dtype), EPS=NORM_EPS,
         RTNE_BF16=_rtne(x.dtype), num_warps=4)
     return ForwardResult(y, z, ratio, mask)
 
@@ -441,7 +477,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau: Optional[
         return ForwardResult(y, z, ratio, torch.ones((0,), dtype=torch.bool, device=x.device))
     cscale = cscale.to(torch.float32).contiguous()
     if M <= DECODE_MAX_M and (x_lora is x or x_lora.data_ptr() == x.data_ptr() and x_lora.stride() == x.stride()):
-        return _forward_decode(x, weight, bias, lora_A, lora_B, x, cscale, tau)
+        return _forward_decode(x, weight, bias, lora_A, lora_B, cscale, tau)
     return _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau)
 
 
@@ -449,8 +485,8 @@ def _rank_reduce(p: torch.Tensor, q: torch.Tensor, mask_i8: torch.Tensor, R: int
     """Σ_i mask_i · p_iᵀ q_i → (R, D) fp32, p (M, RP) fp32 contiguous, q (M, D)."""
     M, D = q.shape
     RP = p.shape[1]
-    BM = 16 if INTERPRET else 64
-    BD = 64 if INTERPRET else 128
+    cfg = _config("rank_reduce", M, q.device, RP)
+    BM, BD = cfg["BM"], cfg["BD"]
     n_d = triton.cdiv(D, BD)
     target = 4 * _num_sms(q.device)
     splits = max(1, min(triton.cdiv(target, n_d), triton.cdiv(M, BM)))
@@ -459,7 +495,7 @@ def _rank_reduce(p: torch.Tensor, q: torch.Tensor, mask_i8: torch.Tensor, R: int
     out = torch.empty((splits, RP, D), dtype=torch.float32, device=q.device)
     _rank_reduce_kernel[(n_d, splits)](
         p, q, mask_i8, out, M, D, rows_per_split, q.stride(0), q.stride(1),
-        BM=BM, BD=BD, RP=RP, UPCAST=INTERPRET, PREC=_prec(q.dtype), num_warps=4)
+        RP=RP, UPCAST=INTERPRET, PREC=_prec(q.dtype), **cfg)
     return out.sum(0)[:R] if splits > 1 else out[0, :R]
 
 
@@ -514,16 +550,15 @@ def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
     a_arg = lora_A if need_dx else lora_B
     dx_arg = dx if need_dx else gy
     ds = dropout_scale if (need_dx and dropout_scale is not None) else dx_arg
-    BM = _rows_block(M, dev)
-    _bwd_rows_kernel[(triton.cdiv(M, BM),)](
+    cfg = _config("bwd_rows", M, dev, RP)
+    _bwd_rows_kernel[(triton.cdiv(M, cfg["BM"]),)](
         gy, lora_B, zz, cscale, mask_i8, a_arg, dx_arg, ds, uz if uz is not None else cscale, v, w,
         M, N, K, R,
         gy.stride(0), gy.stride(1), lora_B.stride(0), lora_B.stride(1), a_arg.stride(0), a_arg.stride(1),
         dx_arg.stride(0), dx_arg.stride(1), ds.stride(0), ds.stride(1),
         NEED_UZ=need_uz, NEED_ADAPTER=need_adapter, NEED_DX=need_dx,
         HAS_DROPOUT=need_dx and dropout_scale is not None,
-        BM=BM, BN=64 if INTERPRET else 128, BK=64 if INTERPRET else 128, RP=RP,
-        UPCAST=INTERPRET, RTNE_BF16=_rtne(gy.dtype), XPREC=_prec(gy.dtype), PREC=_prec(gy.dtype), num_warps=4)
+        RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(gy.dtype), XPREC=_prec(gy.dtype), PREC=_prec(gy.dtype), **cfg)
     if need_adapter:
         dA = _rank_reduce(v, x_lora, mask_i8, R).to(adapter_dtype)
         dB = _rank_reduce(w, gy, mask_i8, R).t().to(lora_B.dtype)

@@ -17,3 +17,20 @@ __all__ += ["FlexLinear", "get_registry", "merge", "patch_model", "unpatch"]
 from .io import load_adapter, load_peft_adapter, save_adapter, save_peft_adapter
 
 __all__ += ["load_adapter", "load_peft_adapter", "save_adapter", "save_peft_adapter"]
+
+from .plans import HLPT_LR, HLPTPlan, apply_hlpt, hlpt_layer_counts
+from .prefix import GatedPrefix, PooledGate
+from .schedules import ImportanceSchedule, LayerSchedule, LiftSchedule, lift_sequence
+
+__all__ += ["GatedPrefix", "HLPT_LR", "HLPTPlan", "ImportanceSchedule", "LayerSchedule", "LiftSchedule", "PooledGate",
+            "apply_hlpt", "hlpt_layer_counts", "lift_sequence"]
+
+try:  # the Trainer callback needs transformers (a dependency of every model pyflex patches)
+    from .callbacks import PyflexCallback
+    __all__ += ["PyflexCallback"]
+except ImportError:  # pragma: no cover
+    pass
+
+from .handles import LayerHandle, LayerRegistry
+
+__all__ += ["LayerHandle", "LayerRegistry"]

@@ -5,7 +5,8 @@
     trainer.train()                               # or trainer.train(resume_from_checkpoint=True)
 
 * ``on_train_begin``: attaches the Trainer's optimizer to the schedule (LIFT full mode frees state through it; the
-  check that every schedulable parameter is in the optimizer runs here), and, when the run resumes
+  check that every schedulable parameter is in the optimizer runs here), gives a LIFT schedule built without
+  ``total_steps`` the Trainer's ``max_steps``, and, when the run resumes
   (``state.global_step > 0``), loads the schedule state saved in that checkpoint.
 * ``on_step_begin``: ``schedule.step(...)`` before the forward of every optimizer step. The callback cannot see
   the Trainer's batch, so IST draws its importance batches from ``importance_dataloader``, or else from a fresh
@@ -62,6 +63,8 @@ class PyflexCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         if optimizer is not None:
             self.schedule.attach_optimizer(optimizer)
+        if hasattr(self.schedule, "set_total_steps") and self.schedule.total_steps is None and state.global_step == 0:
+            self.schedule.set_total_steps(int(state.max_steps))
         if hasattr(self.schedule, "importance_data") and self.schedule.importance_data is None:
             self.schedule.importance_data = self.importance_dataloader or train_dataloader
         if state.global_step > 0:
@@ -70,7 +73,7 @@ class PyflexCallback(TrainerCallback):
                 raise RuntimeError(f"resuming at step {state.global_step} but no {SCHEDULE_FILE} was found in "
                                    f"{os.path.join(args.output_dir, f'checkpoint-{state.global_step}')}; pass "
                                    "PyflexCallback(..., resume_from=<checkpoint dir>) so the schedule continues exactly")
-            self.schedule.load_state_dict(torch.load(os.path.join(path, SCHEDULE_FILE), weights_only=False))
+            self.schedule.load_state_dict(torch.load(os.path.join(path, SCHEDULE_FILE), weights_only=True))
             self.resumed_from = path
         return control
 

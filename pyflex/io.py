@@ -44,10 +44,11 @@ def _safetensors():
 
 
 def _check_and_copy(params: Dict[str, nn.Parameter], tensors: Dict[str, torch.Tensor], source: str, *,
-                    cast: bool) -> None:
-    """Validate names, shapes (and dtypes unless ``cast``), naming the offending key, then copy in place."""
-    missing = [k for k in params if k not in tensors]
-    extra = [k for k in tensors if k not in params]
+                    cast: bool, file_key=lambda k: k) -> None:
+    """Validate names, shapes (and dtypes unless ``cast``), naming the offending key (as the file spells it,
+    via ``file_key``), then copy in place. Nothing is copied unless everything validates."""
+    missing = [file_key(k) for k in params if k not in tensors]
+    extra = [file_key(k) for k in tensors if k not in params]
     if missing:
         raise KeyError(f"{source}: missing key {missing[0]!r} (the model has this adapter parameter, the file does not)"
                        + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else ""))
@@ -57,9 +58,10 @@ def _check_and_copy(params: Dict[str, nn.Parameter], tensors: Dict[str, torch.Te
     for key, param in params.items():
         t = tensors[key]
         if tuple(t.shape) != tuple(param.shape):
-            raise ValueError(f"{source}: key {key!r} has shape {tuple(t.shape)}, the model expects {tuple(param.shape)}")
+            raise ValueError(f"{source}: key {file_key(key)!r} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(param.shape)}")
         if not cast and t.dtype != param.dtype:
-            raise TypeError(f"{source}: key {key!r} has dtype {t.dtype}, the model expects {param.dtype}")
+            raise TypeError(f"{source}: key {file_key(key)!r} has dtype {t.dtype}, the model expects {param.dtype}")
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
@@ -117,6 +119,10 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
                          f"{config.get('format')!r}); for a PEFT adapter use pyflex.load_peft_adapter")
     inner = _unwrap(model)
     if not is_patched(inner):
+        plan_modules = [n for n, m in config["modules"].items() if m.get("type") != "FlexLinear" or m.get("has_gate")]
+        if plan_modules:
+            raise ValueError(f"the adapter in {path!r} has gates or other plan adapters (e.g. {plan_modules[0]!r}) that "
+                             "load_adapter cannot create; patch the model and apply the same plan first, then load")
         patch = dict(config["patch"])
         dtype_name = patch.get("adapter_dtype")
         kinds = {json.dumps({k: v for k, v in m.items() if k != "has_gate"}, sort_keys=True)
@@ -196,20 +202,19 @@ def load_peft_adapter(model: nn.Module, path: str) -> nn.Module:
             raise ValueError(f"{name}: the model is patched with r={module.r}, alpha={module.alpha:g}, "
                              f"rslora={module.rslora}, the PEFT adapter has r={r}, alpha={alpha:g}, rslora={rslora}")
     mapped: Dict[str, torch.Tensor] = {}
+    original: Dict[str, str] = {}
     for key, tensor in tensors.items():
         name = _peft_key_to_name(key)
         if name is None:
             raise KeyError(f"PEFT adapter {path!r}: key {key!r} is not a LoRA weight (lora_A/lora_B); pyflex cannot load it")
-        mapped[name] = tensor
+        mapped[name], original[name] = tensor, key
     params = {n: p for n, p in registry.named_adapter_parameters().items() if n.endswith((".lora_A", ".lora_B"))}
     if len(params) != len(registry.named_adapter_parameters()):
         others = [n for n in registry.named_adapter_parameters() if n not in params]
         raise ValueError(f"the model has adapter parameters PEFT LoRA cannot hold (e.g. {others[0]!r}); "
                          "load_peft_adapter needs a plain LoRA patch")
-    try:
-        _check_and_copy(params, mapped, f"PEFT adapter {path!r}", cast=True)
-    except KeyError as exc:
-        raise KeyError(str(exc.args[0]).replace("key '", f"key '{PEFT_PREFIX}", 1)) from None
+    _check_and_copy(params, mapped, f"PEFT adapter {path!r}", cast=True,
+                    file_key=lambda name: original.get(name, f"{PEFT_PREFIX}{name}.weight"))
     return model
 
 

@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import flex_lora, sparsity
+
+# The op picks a backend, syncs on τ and gathers active tokens (data-dependent shapes): nothing torch.compile can
+# capture. Keep dynamo out of it; under torch.compile each FlexLinear call is one graph break.
+_flex_lora_eager = torch.compiler.disable(flex_lora, recursive=True)
 from .tau import make_tau
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
@@ -194,7 +198,8 @@ class FlexLinear(nn.Module):
         coef = None if self.gate is None else self.gate(x)
         scale = self.scaling * float(self.response_scale)
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            y, mask = flex_lora(x, weight, bias, lora_A, lora_B, scale, tau=self.tau, coef=coef, lam=self.lam,
+            op = _flex_lora_eager if torch.compiler.is_compiling() else flex_lora
+            y, mask = op(x, weight, bias, lora_A, lora_B, scale, tau=self.tau, coef=coef, lam=self.lam,
                                 dropout_p=self.dropout if self.training else 0.0, return_mask=True)
         if self.tau is not None:
             self.last_mask = mask.detach()  # stays on device; last_sparsity reads it lazily

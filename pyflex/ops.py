@@ -174,8 +174,6 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropou
         if not isinstance(tau, torch.Tensor) or tau.numel() != 1:
             raise TypeError(f"tau must be a 1-element tensor (an nn.Parameter in practice) or None, got "
                             f"{tuple(tau.shape) if isinstance(tau, torch.Tensor) else type(tau).__name__}")
-        if not torch.isfinite(tau.detach()).all():
-            raise ValueError(f"tau={tau.item()} is not finite; the threshold must be a finite number")
         if tau.device != x.device and tau.device.type != "cpu":
             raise ValueError(f"tau is on {tau.device} but x is on {x.device}")
     if coef is not None:
@@ -201,7 +199,8 @@ class FlexLoraFunction(torch.autograd.Function):
     """Inputs are flattened: x (M, K), coef (M,) or None, dropout_scale (M, K) or None."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, tau, scale, lam, dropout_scale, backend_name):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, tau, tau_value, scale, lam, dropout_scale,
+                backend_name):
         _, backend = resolve_backend(x.device, backend_name)
         cdt = reference.compute_dtype(x.dtype)
         if coef is None:
@@ -209,7 +208,6 @@ class FlexLoraFunction(torch.autograd.Function):
         else:
             cscale = coef.detach().to(cdt) * float(scale)
         x_lora = x if dropout_scale is None else x * dropout_scale
-        tau_value = None if tau is None else float(tau.detach())
         result = backend.lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau_value)
         y, z, mask = result[0], result[1], result[3]
 
@@ -253,7 +251,7 @@ class FlexLoraFunction(torch.autograd.Function):
         if ctx.tau_meta is not None and ctx.needs_input_grad[6]:
             shape, dtype, device = ctx.tau_meta
             dtau = reference.tau_gradient(uz, cscale, mask, ctx.lam).reshape(shape).to(dtype=dtype, device=device)
-        return dx, dweight, dbias, dA, dB, dcoef, dtau, None, None, None, None
+        return dx, dweight, dbias, dA, dB, dcoef, dtau, None, None, None, None, None
 
 
 def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, lam=0.0, dropout_p=0.0,
@@ -286,9 +284,15 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
     if dropout_p > 0:
         keep = torch.rand_like(x2, dtype=torch.float32) >= dropout_p
         dropout_scale = keep.to(x2.dtype) / (1.0 - dropout_p)
+    tau_value = None
+    if tau is not None:
+        # One host read of τ per call (a device sync on GPU): the mask decision needs its value.
+        tau_value = float(tau.detach())
+        if not math.isfinite(tau_value):
+            raise ValueError(f"tau={tau_value} is not finite; the threshold must be a finite number")
     backend_name, _ = resolve_backend(x.device)
-    y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, float(scale), float(lam),
-                                     dropout_scale, backend_name)
+    y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, tau_value, float(scale),
+                                     float(lam), dropout_scale, backend_name)
     y = y.reshape(*lead, weight.shape[0])
     if return_mask:
         return y, mask.reshape(lead)

@@ -223,8 +223,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     registry = get_registry(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, FlexLinear):
+            base = module.base_module
+            # .to()/.half() may have replaced the Parameter objects FlexLinear owns; hand the current ones back.
+            base.weight = module.weight
+            if module.bias is not None:
+                base.bias = module.bias
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_module)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
     registry._detach_hooks()
     orig = getattr(registry, "_orig_requires_grad", {})
     for n, p in model.named_parameters():

@@ -316,6 +316,35 @@ def test_3d_and_noncontiguous_x(backend):
         assert_rms(got["dB"], want["dB"], 1e-5, f"{name}: dB")
 
 
+def test_noncontiguous_parameters(backend):
+    """Parameters that are transposed views (GPT-2 Conv1D stores W0 as (K, N)) work unchanged."""
+    M, K, N, r, scale = 19, 12, 10, 3, 1.1
+    x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=14)
+    w_t, A_t, B_t = w.t().contiguous().t(), A.t().contiguous().t(), B.t().contiguous().t()
+    assert not (w_t.is_contiguous() or A_t.is_contiguous() or B_t.is_contiguous())
+    gy = torch.randn(M, N)
+    tau = pick_tau(dense_spec(x, w, b, A, B, scale)["ratio"], 1e-3)
+    want = dense_spec(x, w, b, A, B, scale, tau=tau, gy=gy)
+    xs = x.clone().requires_grad_(True)
+    ws, As, Bs = (t.detach().requires_grad_(True) for t in (w_t, A_t, B_t))
+    y = pyflex.flex_lora(xs, ws, b, As, Bs, scale, tau=torch.tensor(tau))
+    (y * gy).sum().backward()
+    assert_rms(y, want["y"], 1e-5, "y")
+    for got, key in ((xs.grad, "dx"), (ws.grad, "dweight"), (As.grad, "dA"), (Bs.grad, "dB")):
+        assert_rms(got, want[key], 1e-5, key)
+
+
+def test_all_tokens_masked(backend):
+    M, K, N, r = 14, 9, 8, 3
+    x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=15)
+    gy = torch.randn(M, N)
+    y, mask, got = run_op(x, w, b, A, B, 1.0, gy, tau=1e4)
+    assert not mask.any()
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["dx"], gy @ w, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["dA"], torch.zeros_like(A)) and torch.equal(got["dB"], torch.zeros_like(B))
+
+
 def test_zero_base_output_rows(backend):
     """‖y0_i‖ = 0: the ratio is ‖d_i‖/NORM_EPS (finite, huge, so the token is active) and a token with
     d_i = 0 too gets ratio 0; nothing turns into inf or nan."""
@@ -503,6 +532,25 @@ def test_frozen_adapter_saves_no_z_and_gets_no_grads(backend, monkeypatch):
     assert calls[-1]["need_dx"] is False and calls[-1]["need_dweight"] is False
 
 
+@pytest.mark.parametrize("with_coef", [False, True], ids=["tau_only", "tau_and_gate"])
+def test_tau_and_gate_train_with_frozen_adapter_and_x(backend, with_coef):
+    """Only u·z is needed (τ and/or the HLPT gate train; adapter, base and x are frozen)."""
+    M, K, N, r, scale, lam = 25, 11, 9, 4, 0.6, 1e-2
+    x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=13)
+    coef = torch.rand(M) + 0.5 if with_coef else None
+    gy = torch.randn(M, N)
+    tau = pick_tau(dense_spec(x, w, b, A, B, scale, coef=coef)["ratio"], 1e-3)
+    want = dense_spec(x, w, b, A, B, scale, tau=tau, coef=coef, lam=lam, gy=gy)
+    y, mask, got = run_op(x, w, b, A, B, scale, gy, tau=tau, coef=coef, lam=lam, grad_x=False, grad_bias=False,
+                          grad_adapter=False)
+    assert torch.equal(mask, want["mask"])
+    assert_rms(y, want["y"], 1e-5, "y")
+    assert got["dx"] is None and got["dA"] is None and got["dB"] is None and got["dbias"] is None
+    assert abs(got["dtau"].item() - want["dtau"].item()) <= 1e-5 * want["tau_grad_scale"]
+    if with_coef:
+        assert_rms(got["dcoef"], want["dcoef"], 1e-5, "dcoef")
+
+
 def test_weight_and_bias_grads(backend):
     M, K, N, r = 15, 9, 7, 2
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=8)
@@ -516,7 +564,8 @@ def test_weight_and_bias_grads(backend):
     assert got["dweight"] is None and got["dbias"] is None
 
 
-def test_dropout_matches_manual_reference(backend):
+@pytest.mark.parametrize("masked", [False, True], ids=["tau_off", "tau_on"])
+def test_dropout_matches_manual_reference(backend, masked):
     M, K, N, r, scale, p = 26, 14, 10, 4, 1.5, 0.3
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=12)
     gy = torch.randn(M, N)
@@ -524,7 +573,7 @@ def test_dropout_matches_manual_reference(backend):
     keep = torch.rand_like(x, dtype=torch.float32) >= p   # the RNG call the op makes
     multiplier = keep.float() / (1 - p)
     probe = dense_spec(x, w, b, A, B, scale, x_lora=multiplier)
-    tau = pick_tau(probe["ratio"], 1e-3)
+    tau = pick_tau(probe["ratio"], 1e-3) if masked else None
     want = dense_spec(x, w, b, A, B, scale, tau=tau, x_lora=multiplier, gy=gy)
     torch.manual_seed(1234)
     y, mask, got = run_op(x, w, b, A, B, scale, gy, tau=tau, dropout_p=p)
@@ -532,7 +581,8 @@ def test_dropout_matches_manual_reference(backend):
     assert_rms(y, want["y"], 1e-5, "y")
     for key in ("dx", "dbias", "dA", "dB"):
         assert_rms(got[key], want[key], 1e-5, key)
-    assert abs(got["dtau"].item() - want["dtau"].item()) <= 1e-5 * want["tau_grad_scale"]
+    if masked:
+        assert abs(got["dtau"].item() - want["dtau"].item()) <= 1e-5 * want["tau_grad_scale"]
     # And dropout really changed something compared with no dropout.
     y_nodrop, _, _ = run_op(x, w, b, A, B, scale, gy, tau=tau)
     assert rms_ratio(y, y_nodrop) > 1e-3

@@ -8,7 +8,9 @@ import torch
 import pyflex
 from pyflex.schedules import ImportanceSchedule
 
-from _schedule_utils import make_batches, snapshot, tiny_llama
+from _schedule_utils import make_batches, one_thread, snapshot, tiny_llama  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BETA = 0.25
 

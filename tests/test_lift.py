@@ -5,7 +5,9 @@ import torch
 import pyflex
 from pyflex.schedules import LiftSchedule, lift_sequence
 
-from _schedule_utils import make_batches, snapshot, tiny_llama
+from _schedule_utils import make_batches, one_thread, snapshot, tiny_llama  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- sequences ----------------------------------------------------------------------------------------------
@@ -135,6 +137,16 @@ def test_full_mode_keep_optimizer_state(patched):
     reg = pyflex.get_registry(patched)
     assert sched.freed_state_count == 0
     assert any(id(p) in {id(q) for q in opt.state} for p in reg[0].block.parameters())
+
+
+def test_total_steps_can_come_later(patched):
+    sched = LiftSchedule(patched, policy="cyclic")
+    with pytest.raises(RuntimeError, match="total_steps"):
+        sched.step()
+    sched.set_total_steps(8)
+    assert [sched.step()[0] for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="cannot change"):
+        sched.set_total_steps(12)
 
 
 def test_attach_optimizer_rejects_missing_parameters(patched):

@@ -345,7 +345,17 @@ def test_frozen_prefix_runs_without_autograd():
     assert torch.is_grad_enabled()
     with torch.no_grad():
         model(ids)
-    assert not torch.is_grad_enabled() or True
+    assert torch.is_grad_enabled()
+    reg.skip_frozen_prefix = True
+    def boom(module, args):
+        assert not torch.is_grad_enabled()  # layer 0 is skipped
+        raise RuntimeError("boom")
+
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):  # an error inside a skipped layer still restores grad mode
+        model(ids)
+    handle.remove()
+    assert torch.is_grad_enabled()
 
 
 def test_frozen_prefix_off_when_embeddings_train():
@@ -385,3 +395,21 @@ def test_deepcopy_rebinds_registry():
     assert hook.registry is reg2
     reg2.set_active([2])
     assert reg.trainable_indices() == [0, 1, 2]
+
+
+def test_pickle_and_dtype_conversion_keep_the_patch():
+    import pickle
+    model = pyflex.patch_model(tiny_model("gpt2"), r=4)
+    randomize_flex(model)
+    ids = tokens()
+    ref = model(ids).logits
+    clone = pickle.loads(pickle.dumps(model))
+    assert_close(clone(ids).logits, ref)
+    assert pyflex.get_registry(clone).model is clone
+    clone.double()
+    layer = clone.transformer.h[0].attn.c_attn
+    assert layer.weight.dtype == layer.lora_A.dtype == torch.float64
+    assert_close(clone(ids).logits, ref.double(), atol=1e-4, rtol=1e-4)
+    pyflex.unpatch(clone)
+    assert clone.transformer.h[0].attn.c_attn.weight.dtype == torch.float64
+    assert_close(clone(ids).logits, tiny_model("gpt2")(ids).logits.double(), atol=1e-4, rtol=1e-4)

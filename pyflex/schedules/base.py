@@ -21,10 +21,15 @@ Rules (DESIGN §5):
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+
+# registry → weakref to the schedule that drives it (kept outside the registry so models still pickle)
+_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def resolve_registry(model_or_registry):
@@ -94,6 +99,9 @@ class LayerSchedule:
         self.step_count = 0
         self._active: List[int] = []
         self.optimizer = None
+        # One schedule drives a model at a time: the newest one owns the registry, and an older one that is still
+        # stepped raises instead of fighting over the trainable switches.
+        _OWNERS[self.registry] = weakref.ref(self)
         self._arm()
 
     # -- parameters -------------------------------------------------------------------------------
@@ -148,6 +156,12 @@ class LayerSchedule:
 
     def step(self, batch: Any = None) -> List[int]:
         """Choose and switch on this step's layers; call before the forward. Returns ``active_layers``."""
+        owner = _OWNERS.get(self.registry)
+        owner = owner() if owner is not None else None
+        if owner is not None and owner is not self:
+            raise RuntimeError(f"this model's layers are driven by another schedule ({type(owner).__name__}, created "
+                               f"after this {type(self).__name__}); two schedules would overwrite each other's "
+                               "trainable switches. Step only the newest one")
         active = self._choose(batch)
         self._apply_active(active)
         self.step_count += 1

@@ -83,7 +83,8 @@ class LiftSchedule(LayerSchedule):
 
     Args:
         model: a patched model (or its LayerRegistry).
-        total_steps: t, the number of training iterations the sequence covers (e.g. ``TrainerState.max_steps``).
+        total_steps: t, the number of training iterations the sequence covers. None: set later with
+            :meth:`set_total_steps` — :class:`pyflex.callbacks.PyflexCallback` does it from ``state.max_steps``.
         order: "front2end" (paper default) | "end2front" | "random".
         policy: "grouped" (paper default) | "cyclic".
         layer_range: (start, stop) registry indices, half-open; default all layers (the paper's main setting).
@@ -93,7 +94,7 @@ class LiftSchedule(LayerSchedule):
         seed: seed of the private generator (used by order="random").
     """
 
-    def __init__(self, model, total_steps: int, *, order: str = "front2end", policy: str = "grouped",
+    def __init__(self, model, total_steps: Optional[int] = None, *, order: str = "front2end", policy: str = "grouped",
                  layer_range: Optional[Tuple[int, int]] = None, layers: Optional[Sequence[int]] = None,
                  target: str = "lora", keep_optimizer_state: bool = False, seed: int = 0):
         if target not in TARGETS:
@@ -113,12 +114,26 @@ class LiftSchedule(LayerSchedule):
         self.order = order
         self.policy = policy
         self.keep_optimizer_state = bool(keep_optimizer_state)
-        self.total_steps = total_steps
-        self.sequence: List[int] = lift_sequence(self.layers, total_steps, order=order, policy=policy,
-                                                 generator=self.generator)
+        self.total_steps: Optional[int] = None
+        self.sequence: List[int] = []
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
         self.freed_state_count = 0  # optimizer-state entries deleted so far (for tests and logging)
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """Build the sequence for t = ``total_steps`` (once; a different t later is an error)."""
+        if self.total_steps is not None:
+            if total_steps != self.total_steps:
+                raise ValueError(f"total_steps is already {self.total_steps}; cannot change it to {total_steps}")
+            return
+        self.sequence = lift_sequence(self.layers, total_steps, order=self.order, policy=self.policy,
+                                      generator=self.generator)
+        self.total_steps = total_steps
+
     def _choose(self, batch: Any) -> List[int]:
+        if not self.sequence:
+            raise RuntimeError("LiftSchedule has no total_steps yet: pass total_steps=..., call set_total_steps(t), or "
+                               "drive it with PyflexCallback (which uses the Trainer's max_steps)")
         return [self.sequence[self.step_count % len(self.sequence)]]
 
     def _apply_active(self, active) -> None:
@@ -145,7 +160,10 @@ class LiftSchedule(LayerSchedule):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for key in ("order", "policy", "target", "total_steps"):
+            if key == "total_steps" and self.total_steps is None:
+                continue
             if state[key] != getattr(self, key):
                 raise ValueError(f"state has {key}={state[key]!r} but this schedule has {key}={getattr(self, key)!r}")
         self.sequence = list(state["sequence"])
+        self.total_steps = state["total_steps"]
         super().load_state_dict(state)

@@ -1,0 +1,88 @@
+"""Microbenchmark of the τ-masked LoRA op, forward + backward, against the frozen base linear and an eager
+LoRA (x Wᵀ + b + s·(x Aᵀ) Bᵀ).
+
+    pytest bench/bench_flex_lora.py --benchmark-enable                 # current backend (auto)
+    PYFLEX_BACKEND=reference pytest bench/bench_flex_lora.py --benchmark-enable
+
+On CPU the shapes are small (the C++ backend vs eager PyTorch); on a GPU the same file runs on CUDA.
+Each case trains the adapter and x (as an inner layer would) and keeps the base frozen. With τ on, τ is
+set to the median token ratio, so about half of the tokens are masked (extra_info records the sparsity).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyflex
+from pyflex import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+# (M tokens, K in, N out, r)
+SHAPES = [(256, 512, 512, 16), (1024, 1024, 1024, 16), (2048, 1024, 2816, 64)]
+if DEVICE == "cuda":
+    SHAPES += [(8192, 4096, 4096, 16), (8192, 4096, 11008, 64)]
+IMPLS = ["flex_lora", "base_linear", "eager_lora"]
+SCALE = 2.0
+
+
+def _case(M, K, N, r):
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=DEVICE, dtype=DTYPE)
+
+    x = rnd(M, K).requires_grad_(True)
+    weight = rnd(N, K, std=K ** -0.5)
+    bias = rnd(N, std=0.1)
+    lora_A = rnd(r, K, std=K ** -0.5).requires_grad_(True)
+    lora_B = rnd(N, r, std=0.1).requires_grad_(True)
+    gy = rnd(M, N)
+    return x, weight, bias, lora_A, lora_B, gy
+
+
+def _median_tau(x, weight, bias, lora_A, lora_B):
+    with torch.no_grad():
+        xf = x.float()
+        z = xf @ lora_A.float().t()
+        y0_sq = F.linear(xf, weight.float(), bias.float()).pow(2).sum(-1)
+        ratio = reference.token_ratio(z, lora_B.float(), torch.full_like(y0_sq, SCALE), y0_sq)
+    return torch.tensor(ratio.median().item(), device=DEVICE, requires_grad=True)
+
+
+@pytest.mark.parametrize("tau_on", [False, True], ids=["tau_off", "tau_on"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("M,K,N,r", SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in SHAPES])
+def test_fwd_bwd(benchmark, M, K, N, r, impl, tau_on):
+    if impl != "flex_lora" and tau_on:
+        pytest.skip("τ only applies to flex_lora")
+    x, weight, bias, lora_A, lora_B, gy = _case(M, K, N, r)
+    tau = _median_tau(x, weight, bias, lora_A, lora_B) if tau_on else None
+
+    if impl == "flex_lora":
+        def fwd():
+            return pyflex.flex_lora(x, weight, bias, lora_A, lora_B, SCALE, tau=tau)
+    elif impl == "base_linear":
+        def fwd():
+            return F.linear(x, weight, bias)
+    else:
+        def fwd():
+            return F.linear(x, weight, bias) + SCALE * ((x @ lora_A.t()) @ lora_B.t())
+
+    def step():
+        for t in (x, lora_A, lora_B, tau):
+            if t is not None:
+                t.grad = None
+        fwd().backward(gy)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up: Triton compilation, oneDNN primitive creation
+    benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), threads=torch.get_num_threads(),
+                                backend=pyflex.ops.resolve_backend(x.device)[0] if impl == "flex_lora" else "torch")
+    if tau_on:
+        _, mask = pyflex.flex_lora(x.detach(), weight, bias, lora_A.detach(), lora_B.detach(), SCALE,
+                                   tau=tau.detach(), return_mask=True)
+        benchmark.extra_info["sparsity"] = pyflex.sparsity(mask)
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
+    assert x.grad is not None and (impl == "base_linear" or lora_A.grad is not None)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the Triton kernels: make pyflex.kernels importable, run the GPU tests, then the
+# microbenchmarks. Everything it reports goes under $OUT (default runs/gpu).
+#
+#   OUT=/tmp/gpu bash bench/run_gpu.sh            # full benchmark
+#   OUT=/tmp/gpu bash bench/run_gpu.sh --quick    # one training shape, r=16
+#   OUT=/tmp/gpu bash bench/run_gpu.sh --sweep    # block-size sweep of the Triton kernels
+#   PYFLEX_GPU_INSTALL=1 ...                      # pip install -e . (builds the C++ extension too)
+#   PYFLEX_SKIP_TESTS=1 / PYFLEX_SKIP_BENCH=1     # skip a stage
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tail -1
+} | tee "$OUT/env.txt"
+
+# pyflex.kernels must be importable. The editable install maps kernels/ -> pyflex.kernels; without it (or
+# when the C++ build breaks the install) a small import hook outside the repo does the same mapping.
+if [ "${PYFLEX_GPU_INSTALL:-0}" = "1" ]; then
+  pip install --no-build-isolation --no-deps -e . > "$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
+fi
+if ! python -c "import pyflex.kernels" 2>/dev/null; then
+  SHIM=$(mktemp -d)
+  cat > "$SHIM/sitecustomize.py" <<EOF
+import importlib.abc, importlib.util, sys
+class _KernelsFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyflex.kernels":
+            return importlib.util.spec_from_file_location(
+                name, "$PWD/kernels/__init__.py", submodule_search_locations=["$PWD/kernels"])
+        return None
+sys.meta_path.append(_KernelsFinder())
+EOF
+  export PYTHONPATH="$SHIM:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  echo "pyflex.kernels via import hook ($SHIM)" | tee -a "$OUT/env.txt"
+fi
+python -c "import pyflex.kernels.flex_lora as f; print('kernels at', f.__file__)" | tee -a "$OUT/env.txt"
+
+status=0
+if [ "${PYFLEX_SKIP_TESTS:-0}" != "1" ]; then
+  tests="tests/test_triton_kernels.py"
+  [ -f tests/test_flex_lora.py ] && tests="$tests tests/test_flex_lora.py"
+  xdist=""
+  python -c "import xdist" 2>/dev/null && xdist="-n 8"  # parallel workers share Triton's compile cache
+  timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest $tests -q -x $xdist -p no:cacheprovider --durations=5 \
+    > "$OUT/tests.txt" 2>&1 || status=$?
+  tail -25 "$OUT/tests.txt"
+fi
+if [ "${PYFLEX_SKIP_BENCH:-0}" != "1" ]; then
+  python bench/bench_gpu_flex_lora.py --out "$OUT/bench.json" "$@" 2> "$OUT/bench.err" | tee "$OUT/bench.txt"
+  tail -5 "$OUT/bench.err"
+fi
+exit $status

@@ -1,0 +1,57 @@
+"""`python -m pyflex.demo --quick`: every method runs, learns, and the outputs are written."""
+import json
+import math
+
+import pytest
+
+from pyflex import demo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    status = demo.main(["--quick", "--out", str(out), "--device", "cpu"])
+    return status, out
+
+
+def test_quick_demo_exits_cleanly(quick_run):
+    status, _ = quick_run
+    assert status == 0, "a method failed; see results.json for its traceback"
+
+
+def test_every_method_present_and_learning(quick_run):
+    _, out = quick_run
+    payload = json.loads((out / "results.json").read_text())
+    assert set(payload["results"]) == set(demo.METHODS)
+    for name, r in payload["results"].items():
+        if name in demo.OPTIONAL and r["status"] == "skipped":
+            continue
+        assert r["status"] == "ok", f"{name}: {r.get('error')}"
+        losses = r["train_loss_curve"] + [e["loss"] for e in r["eval_curve"]]
+        assert all(math.isfinite(v) for v in losses), name
+        assert len(r["train_loss_curve"]) == payload["config"]["adapt_steps"]
+        # adaptation lowers the loss on the new task, both on its training batches and on held-out data
+        assert r["eval_loss_final"] < r["eval_loss_start"], name
+        assert r["train_loss_final"] < r["train_loss_start"], name
+        assert r["train_seconds"] > 0
+        assert r["trainable_params"] > 0
+    assert payload["results"]["pyflex_tau"]["tau_sparsity_final"] is not None
+    # every method starts from the same pre-trained model: identical step-0 eval loss
+    starts = {round(r["eval_loss_start"], 5) for r in payload["results"].values() if r["status"] == "ok"}
+    assert len(starts) == 1
+
+
+def test_outputs_written(quick_run):
+    _, out = quick_run
+    png = out / "loss_curves.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["environment"]["device"] == "cpu"
+    assert payload["memory_kind"]
+
+
+def test_bad_method_is_rejected(tmp_path, capsys):
+    assert demo.main(["--quick", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "allowed" in capsys.readouterr().err
