@@ -69,11 +69,11 @@ class DemoConfig:
     batch_size: int = 32
     pretrain_steps: int = 150
     pretrain_lr: float = 3e-3
-    adapt_steps: int = 150
+    adapt_steps: int = 200
     lr: float = 3e-3                # every method (HLPT's paper lr is also 3e-3)
     warmup_steps: int = 10
     grad_clip: float = 1.0
-    eval_every: int = 25
+    eval_every: int = 20
     eval_samples: int = 256
     # adapters
     r: int = 8
@@ -592,6 +592,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapt-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="adaptation learning rate (every method)")
+    p.add_argument("--tau-alpha", type=float, default=None,
+                   help="pyflex_tau: τ learning rate = tau_alpha × 4e-5 (paper: 1; demo default 25)")
+    p.add_argument("--lam", type=float, default=None, help="pyflex_tau: PEFT_S λ (demo default 1e-4)")
     p.add_argument("--pretrain-task", choices=list(TASKS), default=None)
     p.add_argument("--adapt-task", choices=list(TASKS), default=None)
     return p.parse_args(argv)
@@ -602,7 +605,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg.device, cfg.seed = args.device, args.seed
     for arg, attr in (("pretrain_steps", "pretrain_steps"), ("adapt_steps", "adapt_steps"),
                       ("batch_size", "batch_size"), ("lr", "lr"), ("pretrain_task", "pretrain_task"),
-                      ("adapt_task", "adapt_task")):
+                      ("adapt_task", "adapt_task"), ("tau_alpha", "tau_alpha"), ("lam", "lam")):
         value = getattr(args, arg)
         if value is not None:
             setattr(cfg, attr, value)

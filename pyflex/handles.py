@@ -15,6 +15,8 @@ requires grad, because a reentrant checkpoint only back-propagates when an input
 """
 from __future__ import annotations
 
+import operator
+import threading
 from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
@@ -158,7 +160,22 @@ class LayerRegistry:
         self.layers_path = layers_path
         self._lowest_cache: Optional[int] = None
         self._last_index = None
-        self._grad_stack: Dict[int, List[bool]] = {}
+        self._tls = threading.local()  # grad-mode bookkeeping is per thread, like grad mode itself
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_tls", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tls = threading.local()
+
+    def _grad_stack(self, index: int) -> List[bool]:
+        stacks = getattr(self._tls, "stacks", None)
+        if stacks is None:
+            stacks = self._tls.stacks = {}
+        return stacks.setdefault(index, [])
 
     # -- container ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -191,9 +208,12 @@ class LayerRegistry:
     def _check_indices(self, indices: Iterable[int]) -> List[int]:
         out = []
         for i in indices:
-            if isinstance(i, bool) or not isinstance(i, int) and not (isinstance(i, torch.Tensor) and i.numel() == 1):
-                raise TypeError(f"layer index {i!r} must be an int")
-            i = int(i)
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                i = operator.index(i)  # int, numpy integer, 0-dim integer tensor
+            except TypeError:
+                raise TypeError(f"layer index {i!r} must be an int") from None
             if not 0 <= i < self.num_layers:
                 raise IndexError(f"layer index {i} is out of range; the model has {self.num_layers} layers "
                                  f"(0..{self.num_layers - 1})")
@@ -219,7 +239,15 @@ class LayerRegistry:
     def named_adapter_parameters(self) -> Dict[str, nn.Parameter]:
         """Qualified name (as in ``model.named_parameters()``) → adapter parameter, in model order."""
         wanted = {id(p) for p in self.adapter_parameters()}
-        return {n: p for n, p in self.model.named_parameters(remove_duplicate=True) if id(p) in wanted}
+        named = {n: p for n, p in self.model.named_parameters(remove_duplicate=True) if id(p) in wanted}
+        if len(named) < len(wanted):  # an adapter module kept outside the model tree: name it by its registry name
+            found = {id(p) for p in named.values()}
+            for mod_name, module in self.adapter_modules().items():
+                for p_name, p in module.named_parameters():
+                    if id(p) in wanted and id(p) not in found:
+                        named[f"{mod_name}.{p_name}"] = p
+                        found.add(id(p))
+        return named
 
     def adapter_modules(self) -> Dict[str, nn.Module]:
         """Qualified name → adapter module, over all layers and the extra adapters."""
@@ -260,7 +288,7 @@ class LayerRegistry:
             return None
         limit = self._skip_limit(index)
         if index < limit:
-            self._grad_stack.setdefault(index, []).append(True)
+            self._grad_stack(index).append(True)
             torch.set_grad_enabled(False)
             return None
         if index == limit and getattr(module, "gradient_checkpointing", False) and module.training:
@@ -273,7 +301,7 @@ class LayerRegistry:
         return None
 
     def _after_block(self, index):
-        stack = self._grad_stack.get(index)
+        stack = self._grad_stack(index)
         if stack:
             torch.set_grad_enabled(stack.pop())
 

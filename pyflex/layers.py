@@ -68,9 +68,9 @@ class FlexLinear(nn.Module):
     Shapes: x (..., in) → y (..., out), dtype of the base weight (or the autocast dtype under autocast).
 
     Conv1D: the op takes W0 as (N, K) = (out, in); a Conv1D weight is (in, out), so ``weight.t()`` is passed as a
-    strided view. The reference backend consumes it without a copy (BLAS transposes); a backend that needs a
-    contiguous weight copies it once per call (out·in elements), which is the price of keeping the base
-    Parameter untouched.
+    strided view, which keeps the base Parameter untouched. The backends read it through its strides (reference and
+    C++: BLAS transpose flags; Triton: stride arguments), so no copy is made; a backend that needed a contiguous
+    weight would pay an out·in copy per call.
     """
 
     def __init__(self, base: nn.Module, *, r: int = 8, alpha: float = 16.0, rslora: bool = False,
@@ -91,6 +91,13 @@ class FlexLinear(nn.Module):
             raise ValueError(f"lam={lam!r} is not allowed; λ must be finite and >= 0")
         if not math.isfinite(float(tau0)):
             raise ValueError(f"tau0={tau0!r} is not allowed; it must be finite")
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point or (
+                not is_conv1d(base) and tuple(weight.shape) != (base.out_features, base.in_features)):
+            # e.g. a quantized nn.Linear subclass whose weight is packed: the op needs the dense (out, in) matrix
+            raise TypeError(f"{type(base).__name__} does not hold a dense floating (out, in) weight "
+                            f"(got {None if weight is None else (tuple(weight.shape), weight.dtype)}); "
+                            "quantized or packed linears are not supported")
         self.conv1d = is_conv1d(base)
         # The base module object itself, unregistered: unpatch() hands it back unchanged.
         object.__setattr__(self, "_base_module", base)

@@ -45,9 +45,17 @@ def _skip_unless_available(name):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
+    """Force a backend. With a GPU, the triton cases run on CUDA tensors (the default device inside the test);
+    without one, on CPU tensors under the Triton interpreter (conftest sets TRITON_INTERPRET=1)."""
     _skip_unless_available(request.param)
-    with pyflex.use_backend(request.param):
-        yield request.param
+    device = "cuda" if request.param == "triton" and torch.cuda.is_available() else "cpu"
+    previous = torch.get_default_device()
+    torch.set_default_device(device)
+    try:
+        with pyflex.use_backend(request.param):
+            yield request.param
+    finally:
+        torch.set_default_device(previous)
 
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -127,10 +135,11 @@ def pick_tau(ratio, min_rel_gap):
 
 
 def make_inputs(M, K, N, r, dtype, *, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
+        t = torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu") * std
+        return t.to(dtype=dtype, device=torch.get_default_device())
 
     x = rnd(M, K)
     weight = rnd(N, K, std=1 / math.sqrt(K))
@@ -242,14 +251,17 @@ def test_masks_that_flip_near_tau(backend, dtype):
     x[6] = x[5] * 2
     probe = dense_spec(x, w, b, A, B, scale)
     tau = probe["ratio"][5].item()
-    want = dense_spec(x, w, b, A, B, scale, tau=tau)
-    y, mask = pyflex.flex_lora(x, w, b, A, B, scale, tau=torch.tensor(tau), return_mask=True)
+    gy = torch.randn(M, N, dtype=dtype)
+    want = dense_spec(x, w, b, A, B, scale, tau=tau, gy=gy)
+    y, mask, got = run_op(x, w, b, A, B, scale, gy, tau=tau)
     near = (want["ratio"] - tau).abs() < MASK_TOL[dtype] * tau
     assert near[5] and near[6]
     assert torch.equal(mask[~near], want["mask"][~near])
     agree = mask == want["mask"]
     assert agree.sum() >= M - int(near.sum())
     assert_rms(y[agree], want["y"][agree], TOL[dtype], "y on tokens whose masks agree")
+    # dx_i = gy_i W0 + m_i·v_i A depends on token i's own mask only.
+    assert_rms(got["dx"][agree], want["dx"][agree], TOL[dtype], "dx on tokens whose masks agree")
     # A flipped token carries either the full delta or none of it, never something in between.
     for i in torch.nonzero(~agree).flatten().tolist():
         other = want["y0"][i] if bool(want["mask"][i]) else want["y0"][i] + want["d"][i]
@@ -491,7 +503,7 @@ def _saved_shapes(fn):
 
 def _spy_backward(monkeypatch):
     """Record the need_* flags the op passes to the active backend's lora_backward."""
-    _, module = ops.resolve_backend(torch.device("cpu"))
+    _, module = ops.resolve_backend(torch.get_default_device())
     calls = []
     original = module.lora_backward
 
@@ -692,17 +704,18 @@ def test_backend_signatures_match_reference():
     import inspect
     ref_fwd = list(inspect.signature(reference.lora_forward).parameters)
     ref_bwd = list(inspect.signature(reference.lora_backward).parameters)
-    x, w, b, A, B = make_inputs(5, 6, 4, 2, torch.float32)
-    c = torch.full((5,), 0.5)
-    kwargs_fwd = dict(zip(ref_fwd, (x, w, b, A, B, x, c, 0.01)))
     for name in BACKENDS[1:]:
         if (name == "cpp" and not pyflex.cpp_available()) or (name == "triton" and _TRITON_ERROR is not None):
             continue
+        device = "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
+        x, w, b, A, B = (t.to(device) for t in make_inputs(5, 6, 4, 2, torch.float32))
+        c = torch.full((5,), 0.5, device=device)
+        kwargs_fwd = dict(zip(ref_fwd, (x, w, b, A, B, x, c, 0.01)))
         module = ops._load_cpp() if name == "cpp" else importlib.import_module("pyflex.kernels.flex_lora")
         out = module.lora_forward(**kwargs_fwd)
         want = reference.lora_forward(**kwargs_fwd)
         assert len(out) == 4 and torch.equal(out[3], want[3]), name
-        kwargs_bwd = dict(zip(ref_bwd, (torch.randn(5, 4), x, w, A, B, x, want[1], c, want[3])))
+        kwargs_bwd = dict(zip(ref_bwd, (torch.randn(5, 4, device=device), x, w, A, B, x, want[1], c, want[3])))
         kwargs_bwd.update(need_dx=True, need_dweight=False, need_dbias=False, need_adapter=True, need_uz=False)
         res = module.lora_backward(**kwargs_bwd)   # dropout_scale defaults to None
         assert len(res) == 6 and res[1] is None and res[2] is None and res[5] is None, name

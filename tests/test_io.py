@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pyflex
-from tiny_models import (assert_close, copy_peft_to_flex, lm_loss, peft_lora_modules, randomize_flex, randomize_peft,
+from tiny_models import (assert_close, lm_loss, peft_lora_modules, randomize_flex, randomize_peft,
                          single_thread, tiny_model, tokens)  # noqa: F401
 
 peft = pytest.importorskip("peft")

@@ -216,6 +216,13 @@ def test_bad_arguments():
         FlexLinear(nn.Linear(4, 4), alpha=0)
     with pytest.raises(TypeError, match="nn.Linear or transformers Conv1D"):
         FlexLinear(nn.Conv2d(3, 3, 1))
+    class Packed(nn.Linear):  # stands for a quantized subclass with a packed weight
+        def __init__(self):
+            super().__init__(8, 4)
+            self.weight = nn.Parameter(torch.zeros(16, 1, dtype=torch.uint8), requires_grad=False)
+
+    with pytest.raises(TypeError, match="quantized or packed"):
+        FlexLinear(Packed())
     layer = FlexLinear(nn.Linear(4, 4))
     with pytest.raises(TypeError, match="already a FlexLinear"):
         FlexLinear(layer)

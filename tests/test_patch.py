@@ -1,6 +1,5 @@
 """patch_model / unpatch / merge / registry on tiny HF models, compared with PEFT."""
 import copy
-import re
 import warnings
 
 import pytest
@@ -83,6 +82,14 @@ def test_family_matches_peft(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_default_backend_matches_peft(family):
+    """The same parity through the backend users get by default (the C++ extension when it is built)."""
+    with pyflex.use_backend("auto"):
+        _, flex, pm, _ = _flex_and_peft(family)
+        _compare_logits_and_grads(flex, pm, tokens())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_rslora_and_layer_subset_match_peft(family):
     _, flex, pm, n = _flex_and_peft(family, r=8, alpha=4, rslora=True, layers=[0, 2])
     assert {h.index for h in pyflex.get_registry(flex).layers if h.adapters} == {0, 2}
@@ -106,6 +113,15 @@ def test_target_rules():
     reg = pyflex.get_registry(model)
     assert list(reg.extra_adapters) == ["lm_head"]
     assert any(p is model.lm_head.lora_A for p in reg.adapter_parameters())
+
+
+def test_target_regex_matches_peft_selection():
+    model = tiny_model("llama")
+    regex = r".*layers\.[12]\.(self_attn\.[qv]_proj|mlp\.down_proj)"
+    flex = pyflex.patch_model(copy.deepcopy(model), target_modules=regex)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=8, target_modules=regex))
+    assert set(pyflex.get_registry(flex).adapter_modules()) == set(peft_lora_modules(pm))
+    assert len(peft_lora_modules(pm)) == 6
 
 
 def test_target_names_match_peft_selection():
@@ -274,6 +290,10 @@ def test_registry_switches_and_optimizer():
     assert not all(torch.equal(a, b) for a, b in zip(frozen, reg[0].parameters()))
     with pytest.raises(IndexError, match="out of range"):
         reg.set_active([7])
+    with pytest.raises(TypeError, match="must be an int"):
+        reg.set_active([1.5])
+    reg.set_active([torch.tensor(0)])  # integer-like indices are accepted
+    assert reg.trainable_indices() == [0]
     # full block mode toggles base weights too
     reg[1].set_trainable(True, full_block=True)
     assert model.model.layers[1].self_attn.q_proj.weight.requires_grad

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import sys
 
 import pytest
 
@@ -14,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _load():
     spec = importlib.util.spec_from_file_location("profile_model", ROOT / "bench" / "profile_model.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
