@@ -157,6 +157,10 @@ def build(impl, c, tau, train):
         def fwd():
             return pyflex.flex_lora(x, W, None, A, B, s, tau=t)
         leaves = [x, A, B] + ([t] if t is not None else [])
+    elif impl == "kernels_nosplit":  # A/B of GPU_CONFIG["modes"]["split_dots"]
+        inner, _ = build("kernels", c, tau, train)
+        modes = dict(fk.GPU_CONFIG["modes"], split_dots=False)
+        return (lambda: _with_config("modes", modes, inner)), []
     elif impl == "kernels":
         cs = torch.full((M,), s, device=x.device, dtype=torch.float32)
         xd, Ad, Bd = x.detach(), A.detach(), B.detach()
@@ -205,7 +209,7 @@ def sparsity_of(c, tau):
 # --------------------------------------------------------------------------------------------------
 def run_all(quick=False, decode_only=False):
     rows = []
-    impls = ["base", "eager", "addmm", "peft", "pyflex", "kernels"]
+    impls = ["base", "eager", "addmm", "peft", "pyflex", "kernels", "kernels_nosplit"]
     train_shapes = TRAIN_SHAPES[:1] if quick else TRAIN_SHAPES
     ranks = RANKS[:1] if quick else RANKS
     if not decode_only:
@@ -306,6 +310,18 @@ def sweep(M=8192, K=4096, N=4096):
                                             need_dbias=False, need_adapter=adapter, need_uz=uz)
         record(kind="stage", r=r, what="bwd dx only", ms=bench(bwd(False, False, True)))
         record(kind="stage", r=r, what="bwd full", ms=bench(bwd()))
+        ones = torch.ones(M, dtype=torch.bool, device="cuda")
+
+        def bwd_off():
+            return fk.lora_backward(gy, x, W, A, B, x, res.z, cs, ones, need_dx=True, need_dweight=False,
+                                    need_dbias=False, need_adapter=True, need_uz=False)
+        record(kind="stage", r=r, what="bwd tau off", ms=bench(bwd_off))
+        for modes in (dict(fwd_addmm=True, dx_addmm=True),):
+            fn_f = lambda: bench(lambda: fk.lora_forward(x, W, None, A, B, x, cs, None))  # noqa: E731
+            record(kind="modes", r=r, modes=modes, what="fwd tau off", ms=_with_config("modes", modes, fn_f))
+            record(kind="modes", r=r, modes=modes, what="bwd tau off",
+                   ms=_with_config("modes", modes, lambda: bench(bwd_off)))
+            record(kind="modes", r=r, modes=modes, what="bwd full", ms=_with_config("modes", modes, lambda: bench(bwd())))
         v = torch.randn(M, RP, device="cuda") * res.mask[:, None]
         m8 = res.mask.view(torch.int8)
         record(kind="stage", r=r, what="rank_reduce x", ms=bench(lambda: fk._rank_reduce(v, x, m8, r)))
@@ -339,7 +355,7 @@ def sweep(M=8192, K=4096, N=4096):
         for BN in (16, 32, 64):
             for BK in (128, 256):
                 for stages in (3, 4):
-                    cfg = dict(base_cfg, BN=BN, BN_LARGE_M=BN, BK=BK, num_stages=stages)
+                    cfg = dict(base_cfg, BN=BN, BN_TAU=BN, BK=BK, BK_SMALL_M=BK, num_stages=stages)
                     for t in (None, tau):
                         ms = _with_config("decode", cfg,
                                           lambda: bench(lambda: fk.lora_forward(x, W, None, A, B, x, cs, t), graph=True))

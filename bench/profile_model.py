@@ -528,14 +528,16 @@ def main(argv=None) -> int:
     progress = _progress_printer(len(methods))
     results = {}
     started = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "profile.json"), os.path.join(args.out, "profile.png")
+    payload = {"config": config, "environment": env, "methods": methods, "results": results, "notes": notes}
     for name in methods:
         results[name] = run_method(name, args, device, dtype, batch, progress)
         if results[name]["status"] != "ok":
             print(f"  {name:<12} {results[name]['status'].upper()}: {results[name]['error']}", flush=True)
-    payload = {"config": config, "environment": env, "methods": methods, "results": results, "notes": notes,
-               "total_seconds": time.perf_counter() - started}
-    os.makedirs(args.out, exist_ok=True)
-    json_path, png_path = os.path.join(args.out, "profile.json"), os.path.join(args.out, "profile.png")
+        payload["total_seconds"] = time.perf_counter() - started
+        with open(json_path, "w") as f:  # after every method, so an interrupted run keeps what it measured
+            json.dump({**payload, "methods": list(results)}, f, indent=1)
     plot(payload, png_path)
     with open(json_path, "w") as f:
         json.dump(payload, f, indent=1)

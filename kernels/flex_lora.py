@@ -46,19 +46,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DECODE_MAX_M = 64
 
 # Block sizes of the compiled (GPU) kernels, picked with `bench/bench_gpu_flex_lora.py --sweep` on H100
-# bf16. BM=None: 32 rows per program when that still gives ≥ 2 programs per SM, else 16.
+# bf16 (M=8192, K=N=4096). Keys (name, padded rank) override per rank; BM=None would pick 32 rows per
+# program when that still gives ≥ 2 programs per SM, else 16.
 GPU_CONFIG = {
-    "fwd_rows": dict(BM=None, BN=128, BK=128, num_warps=4),
-    "bwd_rows": dict(BM=None, BN=128, BK=128, num_warps=4),
+    "fwd_rows": dict(BM=16, BN=128, BK=128, num_warps=4),
+    ("fwd_rows", 16): dict(BM=16, BN=256, BK=128, num_warps=4),
+    "bwd_rows": dict(BM=16, BN=128, BK=128, num_warps=4),
+    ("bwd_rows", 16): dict(BM=16, BN=256, BK=256, num_warps=8),
     "rank_reduce": dict(BM=64, BD=128, num_warps=4),
-    "decode": dict(BN=32, BN_LARGE_M=32, BK=256, BNG=128, BN_APPLY=128, num_warps=4, num_stages=3),
+    ("rank_reduce", 16): dict(BM=32, BD=256, num_warps=4),
+    # BK halves for fp32; BN_TAU: wider W0 blocks when τ is on (fewer Σy0² partials to gather)
+    "decode": dict(BN=32, BN_TAU=64, BK=256, BK_SMALL_M=128, BNG=128, BN_APPLY=128, num_warps=4, num_stages=4),
+    # fwd_addmm / dx_addmm: the rows pass writes only the LoRA term into a fresh buffer and cuBLAS adds the
+    # big GEMM onto it (beta = 1) instead of the pass re-reading and re-writing the GEMM's output.
+    # split_dots: see _dot_f32_lhs.
+    "modes": dict(fwd_addmm=True, dx_addmm=True, split_dots=True),
 }
 # Small blocks under the interpreter: fewer wasted lanes, faster tests.
 _INTERPRET_CONFIG = {
     "fwd_rows": dict(BM=16, BN=64, BK=64, num_warps=4),
     "bwd_rows": dict(BM=16, BN=64, BK=64, num_warps=4),
     "rank_reduce": dict(BM=16, BD=64, num_warps=4),
-    "decode": dict(BN=32, BN_LARGE_M=32, BK=32, BNG=32, BN_APPLY=64, num_warps=4, num_stages=1),
+    "decode": dict(BN=32, BN_TAU=32, BK=32, BK_SMALL_M=32, BNG=32, BN_APPLY=64, num_warps=4, num_stages=1),
+    "modes": dict(fwd_addmm=False, dx_addmm=False, split_dots=False),
 }
 
 
@@ -79,6 +89,12 @@ def _rtne(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+def _split(dtype: torch.dtype) -> bool:
+    """Split fp32 operands into bf16 hi + lo for native dots (see _dot_f32_lhs): bf16 on GPU only (fp16 could
+    overflow on hi; the interpreter's bf16 dots are wrong)."""
+    return (not INTERPRET) and dtype == torch.bfloat16 and GPU_CONFIG["modes"]["split_dots"]
+
+
 def _prec(dtype: torch.dtype) -> str:
     """Precision of dots that have an fp32 operand: IEEE for fp32 inputs, TF32 for 16-bit inputs."""
     return "ieee" if (dtype == torch.float32 or INTERPRET) else "tf32"
@@ -97,6 +113,21 @@ def _to_out(v, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
         return v.to(dtype)
 
 
+@triton.jit
+def _dot_f32_lhs(p, q, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """acc + p @ q for an fp32 p and a q in the input dtype. SPLIT (bf16 on GPU): p = hi + lo, both bf16,
+    and two native bf16 dots: products exact to ~2^-16 of p, fp32 sums, and q is never widened to fp32
+    (half the registers and shared memory of a TF32 dot). Otherwise q is widened and the dot runs at PREC."""
+    if SPLIT:
+        hi = p.to(q.dtype)
+        lo = (p - hi.to(tl.float32)).to(q.dtype)
+        acc = tl.dot(hi, q, acc)
+        acc = tl.dot(lo, q, acc)
+    else:
+        acc = tl.dot(p, q.to(tl.float32), acc, input_precision=PREC)
+    return acc
+
+
 # ------------------------------------------------------------------------------------------------
 # forward: rows pass after the cuBLAS y0
 # ------------------------------------------------------------------------------------------------
@@ -106,7 +137,7 @@ def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr
                      s_ym, s_yn, s_xm, s_xk, s_ar, s_ak, s_bn, s_br,
                      HAS_TAU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr, PREC: tl.constexpr,
-                     EPS: tl.constexpr):
+                     EPS: tl.constexpr, WRITE_ONLY: tl.constexpr, SPLIT: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -155,18 +186,21 @@ def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr
         ns = n0 + tl.arange(0, BN)
         nmask = ns < N
         bt = tl.load(b_ptr + ns[None, :] * s_bn + rr[:, None] * s_br,
-                     mask=nmask[None, :] & rrmask[:, None], other=0.0).to(tl.float32)
-        d = tl.dot(w, bt, input_precision=PREC)
+                     mask=nmask[None, :] & rrmask[:, None], other=0.0)
+        d = _dot_f32_lhs(w, bt, tl.zeros((BM, BN), dtype=tl.float32), SPLIT, PREC)
         yp = y_ptr + rows64[:, None] * s_ym + ns[None, :] * s_yn
         ym = act[:, None] & nmask[None, :]
-        yt = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
-        tl.store(yp, _to_out(yt + d, y_ptr.dtype.element_ty, RTNE_BF16), mask=ym)
+        if WRITE_ONLY:
+            tl.store(yp, _to_out(d, y_ptr.dtype.element_ty, RTNE_BF16), mask=ym)
+        else:
+            yt = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
+            tl.store(yp, _to_out(yt + d, y_ptr.dtype.element_ty, RTNE_BF16), mask=ym)
 
 
 # ------------------------------------------------------------------------------------------------
 # forward: decode path (small M): one pass over W0
 # ------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, zp_ptr, gp_ptr,
                         M, N, K, R, KZ, NG,
                         s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_bn, s_br, s_ym, s_yn,
@@ -238,7 +272,7 @@ def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, zp
             tl.store(gp_ptr + j * RP * RP + rr[:, None] * RP + rr[None, :], gacc)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def _decode_apply_kernel(y_ptr, b_ptr, gp_ptr, c_ptr, zp_ptr, z_ptr, sqp_ptr, ratio_ptr, mask_ptr,
                          M, N, R, n_parts, tau,
                          s_ym, s_yn, s_bn, s_br,
@@ -296,7 +330,7 @@ def _bwd_rows_kernel(gy_ptr, b_ptr, z_ptr, c_ptr, mask_ptr, a_ptr, dx_ptr, ds_pt
                      M, N, K, R,
                      s_gm, s_gn, s_bn, s_br, s_ar, s_ak, s_dm, s_dk, s_sm, s_sk,
                      NEED_UZ: tl.constexpr, NEED_ADAPTER: tl.constexpr, NEED_DX: tl.constexpr,
-                     HAS_DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr, DX_WRITE_ONLY: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -339,21 +373,25 @@ def _bwd_rows_kernel(gy_ptr, b_ptr, z_ptr, c_ptr, mask_ptr, a_ptr, dx_ptr, ds_pt
             ks = k0 + tl.arange(0, BK)
             kmask = ks < K
             at = tl.load(a_ptr + rr[:, None] * s_ar + ks[None, :] * s_ak,
-                         mask=rrmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            t = tl.dot(v, at, input_precision=PREC)
+                         mask=rrmask[:, None] & kmask[None, :], other=0.0)
+            t = _dot_f32_lhs(v, at, tl.zeros((BM, BK), dtype=tl.float32), SPLIT, PREC)
             xm = act[:, None] & kmask[None, :]
             if HAS_DROPOUT:
                 t = t * tl.load(ds_ptr + rows64[:, None] * s_sm + ks[None, :] * s_sk, mask=xm, other=0.0).to(tl.float32)
             dp = dx_ptr + rows64[:, None] * s_dm + ks[None, :] * s_dk
-            dt = tl.load(dp, mask=xm, other=0.0).to(tl.float32)
-            tl.store(dp, _to_out(dt + t, dx_ptr.dtype.element_ty, RTNE_BF16), mask=xm)
+            if DX_WRITE_ONLY:
+                # the LoRA term alone (zero on masked rows); cuBLAS adds gy W0 on top of it
+                tl.store(dp, _to_out(t, dx_ptr.dtype.element_ty, RTNE_BF16), mask=rmask[:, None] & kmask[None, :])
+            else:
+                dt = tl.load(dp, mask=xm, other=0.0).to(tl.float32)
+                tl.store(dp, _to_out(dt + t, dx_ptr.dtype.element_ty, RTNE_BF16), mask=xm)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _rank_reduce_kernel(p_ptr, q_ptr, mask_ptr, out_ptr, M, D, rows_per_split,
                         s_qm, s_qd,
                         BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, SPLIT: tl.constexpr):
     """out[s] (RP × D, fp32) = Σ_{i in split s, mask_i} P_iᵀ Q_i with P (M × RP) fp32, Q (M × D)."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -369,8 +407,8 @@ def _rank_reduce_kernel(p_ptr, q_ptr, mask_ptr, out_ptr, M, D, rows_per_split,
         act = (rows < m_end) & (tl.load(mask_ptr + rows, mask=rows < m_end, other=0) != 0)
         pt = tl.load(p_ptr + rows64[None, :] * RP + rr[:, None], mask=act[None, :], other=0.0)
         qt = tl.load(q_ptr + rows64[:, None] * s_qm + cols[None, :] * s_qd,
-                     mask=act[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(pt, qt, acc, input_precision=PREC)
+                     mask=act[:, None] & cmask[None, :], other=0.0)
+        acc = _dot_f32_lhs(pt, qt, acc, SPLIT, PREC)
     tl.store(out_ptr + pid_s.to(tl.int64) * RP * D + rr[:, None] * D + cols[None, :], acc, mask=cmask[None, :])
 
 
@@ -387,9 +425,14 @@ def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
     M, K = x.shape
     N, R = lora_B.shape
     RP = _rank_pad(R)
-    y = F.linear(x, weight, bias)
-    if not y.is_contiguous():
-        y = y.contiguous()
+    modes = (_INTERPRET_CONFIG if INTERPRET else GPU_CONFIG)["modes"]
+    write_only = tau is None and bias is None and modes["fwd_addmm"]
+    if write_only:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        y = F.linear(x, weight, bias)
+        if not y.is_contiguous():
+            y = y.contiguous()
     z = torch.empty((M, R), dtype=torch.float32, device=x.device)
     mask = torch.empty((M,), dtype=torch.bool, device=x.device)
     if tau is None:
@@ -405,7 +448,10 @@ def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
         y.stride(0), y.stride(1), x_lora.stride(0), x_lora.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
         HAS_TAU=tau is not None, RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype),
-        PREC=_prec(x.dtype), EPS=NORM_EPS, **cfg)
+        PREC=_prec(x.dtype), EPS=NORM_EPS, WRITE_ONLY=write_only,
+        SPLIT=_split(x.dtype), **cfg)
+    if write_only:
+        y.addmm_(x, weight.t())
     return ForwardResult(y, z, ratio, mask)
 
 
@@ -416,16 +462,18 @@ def _forward_decode(x, weight, bias, lora_A, lora_B, cscale, tau):
     RP = _rank_pad(R)
     BM = max(16, triton.next_power_of_2(M))
     cfg = _INTERPRET_CONFIG["decode"] if INTERPRET else GPU_CONFIG["decode"]
-    BN = cfg["BN"] if M <= 16 else cfg["BN_LARGE_M"]
-    # shared memory per stage is (BM + BN)·BK·itemsize: 3 stages stay under the 227 KiB of an H100
-    BK = cfg["BK"] if x.element_size() == 2 else cfg["BK"] // 2
+    has_tau = tau is not None
+    BN = cfg["BN_TAU"] if has_tau else cfg["BN"]
+    BK = cfg["BK"] if (M > 16 and not has_tau) else cfg["BK_SMALL_M"]
+    BK = BK if x.element_size() == 2 else BK // 2
+    # shared memory per stage is (BM + BN)·BK·itemsize: keep the pipeline under ~200 KiB (H100: 227 KiB)
+    stages = max(1, min(cfg["num_stages"], (200 * 1024) // ((BM + BN) * BK * x.element_size())))
     n_wblk = triton.cdiv(N, BN)
     # split the z and Gram work so that no program reads much more than one W0 block does
     w_block_bytes = BN * K * x.element_size()
     nz = max(1, min(8, triton.cdiv((R + M) * K * x.element_size(), w_block_bytes)))
     KZ = triton.cdiv(triton.cdiv(K, nz), BK) * BK
     nz = triton.cdiv(K, KZ)
-    has_tau = tau is not None
     NG = triton.cdiv(triton.cdiv(N, max(1, min(8, triton.cdiv(N * R * lora_B.element_size(), w_block_bytes)))),
                      cfg["BNG"]) * cfg["BNG"]
     ng = triton.cdiv(N, NG) if has_tau else 0
@@ -448,7 +496,7 @@ def _forward_decode(x, weight, bias, lora_A, lora_B, cscale, tau):
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_TAU=has_tau, NZ=nz, BM=BM, BN=BN, BK=BK, BNG=cfg["BNG"],
         RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        num_stages=stages)
     BN2 = cfg["BN_APPLY"]
     _decode_apply_kernel[(triton.cdiv(N, BN2),)](
         y, lora_B, gpart, cscale, zpart, z, sqp, ratio if ratio is not None else z, mask.view(torch.int8),
@@ -495,7 +543,7 @@ def _rank_reduce(p: torch.Tensor, q: torch.Tensor, mask_i8: torch.Tensor, R: int
     out = torch.empty((splits, RP, D), dtype=torch.float32, device=q.device)
     _rank_reduce_kernel[(n_d, splits)](
         p, q, mask_i8, out, M, D, rows_per_split, q.stride(0), q.stride(1),
-        RP=RP, UPCAST=INTERPRET, PREC=_prec(q.dtype), **cfg)
+        RP=RP, UPCAST=INTERPRET, PREC=_prec(q.dtype), SPLIT=_split(q.dtype), **cfg)
     return out.sum(0)[:R] if splits > 1 else out[0, :R]
 
 
@@ -515,8 +563,10 @@ def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
     M, N = gy.shape
     R = lora_B.shape[1]
     dx = dweight = dbias = dA = dB = uz = None
+    modes = (_INTERPRET_CONFIG if INTERPRET else GPU_CONFIG)["modes"]
+    dx_write_only = need_dx and modes["dx_addmm"] and M > 0 and gy.dtype != torch.float64
     if need_dx:
-        dx = gy @ weight
+        dx = torch.empty((M, weight.shape[1]), dtype=gy.dtype, device=gy.device) if dx_write_only else gy @ weight
     if need_dweight:
         dweight = gy.t() @ x
     if need_dbias:
@@ -557,8 +607,11 @@ def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
         gy.stride(0), gy.stride(1), lora_B.stride(0), lora_B.stride(1), a_arg.stride(0), a_arg.stride(1),
         dx_arg.stride(0), dx_arg.stride(1), ds.stride(0), ds.stride(1),
         NEED_UZ=need_uz, NEED_ADAPTER=need_adapter, NEED_DX=need_dx,
-        HAS_DROPOUT=need_dx and dropout_scale is not None,
+        HAS_DROPOUT=need_dx and dropout_scale is not None, DX_WRITE_ONLY=dx_write_only,
+        SPLIT=_split(gy.dtype),
         RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(gy.dtype), XPREC=_prec(gy.dtype), PREC=_prec(gy.dtype), **cfg)
+    if dx_write_only:
+        dx.addmm_(gy, weight)
     if need_adapter:
         dA = _rank_reduce(v, x_lora, mask_i8, R).to(adapter_dtype)
         dB = _rank_reduce(w, gy, mask_i8, R).t().to(lora_B.dtype)

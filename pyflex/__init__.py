@@ -34,3 +34,7 @@ except ImportError:  # pragma: no cover
 from .handles import LayerHandle, LayerRegistry
 
 __all__ += ["LayerHandle", "LayerRegistry"]
+
+from .fused_ops import fuse_model_ops, fused_ops  # liger-kernel is imported only when fuse_model_ops is called
+
+__all__ += ["fuse_model_ops", "fused_ops"]

@@ -309,3 +309,27 @@ def test_op_triton_matches_reference(M, dtype):
     for a, e in zip(g_t, g_r):
         assert rms_rel(a, e) <= TOL_OUT[dtype]
     assert rms_rel(t_t, t_r) <= TOL_OUT[dtype]
+
+
+MODES = [dict(fwd_addmm=False, dx_addmm=False, split_dots=False), dict(fwd_addmm=True, dx_addmm=True, split_dots=False)]
+if ON_GPU:
+    MODES += [dict(fwd_addmm=False, dx_addmm=False, split_dots=True), dict(fwd_addmm=True, dx_addmm=True, split_dots=True)]
+
+
+@pytest.mark.parametrize("modes", MODES, ids=lambda m: "-".join(k for k, v in m.items() if v) or "plain")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["tau_off", "tau_median"])
+def test_modes(monkeypatch, modes, dtype, masked):
+    """Every schedule of GPU_CONFIG['modes'] (LoRA term written alone with cuBLAS adding the GEMM onto it;
+    fp32 operands split into bf16 hi + lo for native dots) gives the reference's results."""
+    for table in (fl.GPU_CONFIG, fl._INTERPRET_CONFIG):
+        monkeypatch.setitem(table, "modes", dict(modes))
+    M, K, N, r = (90, 40, 50, 8) if not ON_GPU else (1000, 520, 1100, 64)
+    x, weight, _, A, B, cscale = make_inputs(M, K, N, r, dtype, bias=False)
+    tau = median_tau(x, weight, None, A, B, cscale) if masked else None
+    out = fl.lora_forward(x, weight, None, A, B, x, cscale, tau)
+    exp = reference.lora_forward(x, weight, None, A, B, x, cscale, tau)
+    check_forward(out, exp, tau, dtype)
+    for dropout in (False, True):
+        out, exp = run_backward(M, K, N, r, dtype, flags=ALL, dropout=dropout, bias=False)
+        check_backward(out, exp, ALL, dtype)
