@@ -62,5 +62,7 @@ setup(
     ext_modules=[CMakeExtension("pyflex._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=4.48", "safetensors"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft", "pybind11", "ninja"]},
+    # fused: liger-kernel's RMSNorm / SwiGLU / fused linear cross-entropy for pyflex.fuse_model_ops (optional).
+    extras_require={"test": ["pytest", "pytest-benchmark", "peft", "pybind11", "ninja", "liger-kernel>=0.8"],
+                    "fused": ["liger-kernel>=0.8"]},
 )

@@ -7,9 +7,11 @@ Compared in the same run, on the same inputs:
     peft        HF PEFT LoRA layer (its default: adapters kept in fp32), when peft imports (τ off only)
     pyflex      pyflex.flex_lora (the op, with its validation and autograd)
     kernels     pyflex.kernels.flex_lora.lora_forward/lora_backward called directly (no op overhead)
+    kernels_nosplit   the same with GPU_CONFIG["modes"]["split_dots"] off (A/B of the bf16 hi+lo dots)
 
 Run as a script (prints a table, writes JSON):
-    python bench/bench_gpu_flex_lora.py --out results.json [--quick]
+    python bench/bench_gpu_flex_lora.py --out results.json [--quick | --sweep]
+or everything on a GPU machine (tests first): OUT=dir bash bench/run_gpu.sh
 or as pytest-benchmark microbenchmarks:
     python -m pytest bench/bench_gpu_flex_lora.py --benchmark-enable -q
 

@@ -14,6 +14,7 @@ Methods (each in a fresh model; memory is freed between them):
     peft         HF PEFT LoRA, default (fp32 adapters on the bf16 model)
     peft_bf16    HF PEFT LoRA with bf16 adapters (autocast_adapter_dtype=False)
     pyflex_lora  pyflex.patch_model LoRA
+    pyflex_lora_fused  pyflex LoRA + pyflex.fuse_model_ops (liger-kernel RMSNorm, SwiGLU, fused linear CE; CUDA)
     pyflex_tau   pyflex LoRA + PEFT_S τ mask (pyflex.tau_param_groups); reports per-layer sparsity
     ist          pyflex LoRA + ImportanceSchedule (its importance forwards every T_c steps are part of the step time)
     lift_f2e     pyflex LoRA + LiftSchedule(order="front2end")
@@ -59,7 +60,7 @@ SIZES = {
     "tiny": dict(hidden=128, intermediate=344, layers=4, heads=4, kv_heads=2, vocab=512, batch=2, seq=64),
 }
 METHOD_NAMES = ("hf_floor", "peft", "peft_bf16", "pyflex_lora", "pyflex_tau", "ist", "lift_f2e", "lift_e2f", "hlpt",
-                "h2lpt")
+                "h2lpt", "pyflex_lora_fused")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 PHASES = ("schedule", "forward", "backward", "optimizer")
@@ -144,6 +145,16 @@ def _patch(model, args, **kwargs):
 def setup_pyflex_lora(model, args) -> Setup:
     _patch(model, args)
     return Setup(model, _adamw(_trainable(model), args))
+
+
+def setup_pyflex_lora_fused(model, args) -> Setup:
+    import pyflex
+
+    pyflex.fuse_model_ops(model)  # liger-kernel RMSNorm + SwiGLU + fused linear cross-entropy (no logits in training)
+    _patch(model, args)
+    fused = pyflex.fused_ops(model)
+    return Setup(model, _adamw(_trainable(model), args),
+                 notes="fused " + ", ".join(k for k in ("rms_norm", "swiglu", "cross_entropy") if fused.get(k)))
 
 
 def _per_layer_sparsity(model) -> Dict[str, Optional[float]]:

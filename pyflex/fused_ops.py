@@ -36,7 +36,6 @@ from types import MethodType
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as torch_F
 from torch import nn
 
 from .layers import FlexLinear
@@ -46,15 +45,14 @@ __all__ = ["fuse_model_ops", "fused_ops", "fused_ops_families", "FUSED_ATTR"]
 
 FUSED_ATTR = "_pyflex_fused_ops"
 
-# pyflex families that liger-kernel patches, and the name of liger's flag for the gated-MLP fusion.
-_MLP_FLAG: Dict[str, str] = {"llama": "swiglu", "mistral": "swiglu", "qwen2": "swiglu", "qwen3": "swiglu",
+# pyflex families that liger-kernel patches → the gated MLP each one has (also the name of liger's flag for it).
+_MLP_KIND: Dict[str, str] = {"llama": "swiglu", "mistral": "swiglu", "qwen2": "swiglu", "qwen3": "swiglu",
                              "phi3": "swiglu", "gemma2": "geglu"}
-_MLP_KIND: Dict[str, str] = {"gemma2": "geglu"}  # everything else: swiglu
 
 
 def fused_ops_families() -> Tuple[str, ...]:
     """Model types :func:`fuse_model_ops` supports (pyflex's family table ∩ liger-kernel's)."""
-    return tuple(sorted(f for f in _MLP_FLAG if f in supported_families()))
+    return tuple(sorted(f for f in _MLP_KIND if f in supported_families()))
 
 
 def fused_ops(model: nn.Module) -> Dict[str, object]:
@@ -161,7 +159,7 @@ def fuse_model_ops(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = Tr
     if getattr(model, FUSED_ATTR, None):
         raise RuntimeError(f"model is already fused by pyflex.fuse_model_ops ({fused_ops(model)}); fusing twice is "
                            "not supported")
-    mlp_kind = _MLP_KIND.get(model_type, "swiglu")
+    mlp_kind = _MLP_KIND[model_type]
 
     is_causal_lm = type(model).__name__.endswith("ForCausalLM") and isinstance(getattr(model, "lm_head", None),
                                                                                nn.Module)
@@ -195,8 +193,7 @@ def fuse_model_ops(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = Tr
     # this instance needs: the RoPE function when rope=True (there is no per-instance RoPE patch).
     modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     before = dict(vars(modeling))
-    ce_before = torch_F.cross_entropy
-    kwargs = {"rope": bool(rope), "rms_norm": bool(rms_norm), _MLP_FLAG[model_type]: bool(swiglu),
+    kwargs = {"rope": bool(rope), "rms_norm": bool(rms_norm), mlp_kind: bool(swiglu),
               "fused_linear_cross_entropy": bool(cross_entropy), "cross_entropy": False}
     try:
         liger.MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](model=model, **kwargs)
@@ -205,7 +202,6 @@ def fuse_model_ops(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = Tr
         for name, value in before.items():
             if name not in keep and vars(modeling).get(name) is not value:
                 setattr(modeling, name, value)
-        torch_F.cross_entropy = ce_before
 
     if cross_entropy:
         lce = model.forward.__func__  # liger bound its lce_forward to this instance
