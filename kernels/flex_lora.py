@@ -139,7 +139,7 @@ def _dot_f32_lhs(p, q, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["M"])
 def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr, mask_ptr,
-                     M, N, K, R, tau,
+                     M, N, K, R, tau_ptr,
                      s_ym, s_yn, s_xm, s_xk, s_ar, s_ak, s_bn, s_br,
                      HAS_TAU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr, PREC: tl.constexpr,
@@ -178,7 +178,7 @@ def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr
         zg = tl.dot(acc, g, input_precision="ieee")
         dsq = tl.maximum(tl.sum(zg * acc, axis=1), 0.0)
         ratio = tl.abs(c) * tl.sqrt(dsq) / tl.maximum(tl.sqrt(sq), EPS)
-        active = ratio >= tau
+        active = ratio >= tl.load(tau_ptr)  # τ read on the device: no host sync
         tl.store(ratio_ptr + rows, ratio, mask=rmask)
         tl.store(mask_ptr + rows, active.to(tl.int8), mask=rmask)
         act = rmask & active
@@ -280,7 +280,7 @@ def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, zp
 
 @triton.jit
 def _decode_apply_kernel(y_ptr, b_ptr, gp_ptr, c_ptr, zp_ptr, z_ptr, sqp_ptr, ratio_ptr, mask_ptr,
-                         M, N, R, n_parts, tau,
+                         M, N, R, n_parts, tau_ptr,
                          s_ym, s_yn, s_bn, s_br,
                          HAS_TAU: tl.constexpr, NZ: tl.constexpr, NGP: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
@@ -308,7 +308,7 @@ def _decode_apply_kernel(y_ptr, b_ptr, gp_ptr, c_ptr, zp_ptr, z_ptr, sqp_ptr, ra
         zg = tl.dot(z, g, input_precision="ieee")
         dsq = tl.maximum(tl.sum(zg * z, axis=1), 0.0)
         ratio = tl.abs(c) * tl.sqrt(dsq) / tl.maximum(tl.sqrt(sq), EPS)
-        active = ratio >= tau
+        active = ratio >= tl.load(tau_ptr)  # τ read on the device: no host sync
         if pid == 0:
             tl.store(ratio_ptr + rows, ratio, mask=rmask)
             tl.store(mask_ptr + rows, active.to(tl.int8), mask=rmask)
@@ -427,6 +427,16 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _tau_arg(tau, cscale: torch.Tensor) -> torch.Tensor:
+    """τ as a 1-element fp32 tensor on the kernel's device. ``tau`` may be a python float or a 1-element tensor
+    already on that device (then no host round trip is needed); None gives a dummy the kernel never reads."""
+    if tau is None:
+        return cscale
+    if isinstance(tau, torch.Tensor):
+        return tau.detach().reshape(1).to(device=cscale.device, dtype=torch.float32)
+    return torch.full((1,), float(tau), dtype=torch.float32, device=cscale.device)
+
+
 def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
     M, K = x.shape
     N, R = lora_B.shape
@@ -450,7 +460,7 @@ def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
     cfg = _config("fwd_rows", M, x.device, RP)
     _fwd_rows_kernel[(triton.cdiv(M, cfg["BM"]),)](
         y, x_lora, lora_A, lora_B, gram, cscale, z, ratio if ratio is not None else z, mask.view(torch.int8),
-        M, N, K, R, 0.0 if tau is None else float(tau),
+        M, N, K, R, _tau_arg(tau, cscale),
         y.stride(0), y.stride(1), x_lora.stride(0), x_lora.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
         HAS_TAU=tau is not None, RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype),
@@ -507,15 +517,16 @@ def _forward_decode(x, weight, bias, lora_A, lora_B, cscale, tau):
     BN2 = cfg["BN_APPLY"]
     _decode_apply_kernel[(triton.cdiv(N, BN2),)](
         y, lora_B, gpart, cscale, zpart, z, sqp, ratio if ratio is not None else z, mask.view(torch.int8),
-        M, N, R, n_wblk, 0.0 if tau is None else float(tau),
+        M, N, R, n_wblk, _tau_arg(tau, cscale),
         y.stride(0), y.stride(1), lora_B.stride(0), lora_B.stride(1),
         HAS_TAU=has_tau, NZ=nz, NGP=ng, BM=BM, BN=BN2, BP=64, RP=RP, PREC=_prec(x.dtype), EPS=NORM_EPS,
         RTNE_BF16=_rtne(x.dtype), num_warps=4)
     return ForwardResult(y, z, ratio, mask)
 
 
-def lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau: Optional[float]) -> ForwardResult:
-    """Same contract as :func:`pyflex.reference.lora_forward`.
+def lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau) -> ForwardResult:
+    """Same contract as :func:`pyflex.reference.lora_forward`; ``tau`` may also be a 1-element tensor on x's
+    device, which the kernels read in place (no device→host sync).
 
     x, x_lora (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r): one dtype
     (fp16/bf16/fp32 run the kernels; fp64 runs the PyTorch reference). cscale (M,) float.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import flex_lora, sparsity
+from .ops import flex_lora, sparsity, verify_taus
 
 # The op picks a backend, syncs on τ and gathers active tokens (data-dependent shapes): nothing torch.compile can
 # capture. Keep dynamo out of it; under torch.compile each FlexLinear call is one graph break.
@@ -131,6 +131,8 @@ class FlexLinear(nn.Module):
         self.adapter_enabled = True
         self.merged = False
         self.last_mask: Optional[torch.Tensor] = None
+        # Every τ of the patched model (set by patch_model), so that one host read checks them all after a step.
+        self.tau_peers: list = []
         self.reset_adapter_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -202,6 +204,10 @@ class FlexLinear(nn.Module):
             bias = None if bias is None else bias.to(dtype)
         if lora_A.dtype != dtype:  # fp32 adapters on a low-precision base (see class docstring)
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        if self.tau is not None and self.tau.is_cuda and \
+                getattr(self.tau, "_pyflex_checked_version", None) != self.tau._version:
+            # τ changed (an optimizer step): check every τ of the model in one host read instead of one per layer
+            verify_taus(self.tau_peers or [self.tau])
         coef = None if self.gate is None else self.gate(x)
         scale = self.scaling * float(self.response_scale)
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():

@@ -284,19 +284,46 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
     if dropout_p > 0:
         keep = torch.rand_like(x2, dtype=torch.float32) >= dropout_p
         dropout_scale = keep.to(x2.dtype) / (1.0 - dropout_p)
+    backend_name, _ = resolve_backend(x.device)
     tau_value = None
     if tau is not None:
-        # One host read of τ per call (a device sync on GPU): the mask decision needs its value.
-        tau_value = float(tau.detach())
-        if not math.isfinite(tau_value):
-            raise ValueError(f"tau={tau_value} is not finite; the threshold must be a finite number")
-    backend_name, _ = resolve_backend(x.device)
+        if backend_name == "triton" and x.device.type == "cuda":
+            # The kernels read τ on the device. Its finiteness is checked on the host once per change of τ
+            # (verify_taus), not once per call: a host read is a device sync.
+            verify_taus([tau])
+            tau_value = tau.detach()
+        else:
+            tau_value = float(tau.detach())
+            if not math.isfinite(tau_value):
+                raise ValueError(f"tau={tau_value} is not finite; the threshold must be a finite number")
     y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, tau_value, float(scale),
                                      float(lam), dropout_scale, backend_name)
     y = y.reshape(*lead, weight.shape[0])
     if return_mask:
         return y, mask.reshape(lead)
     return y
+
+
+def verify_taus(taus) -> None:
+    """Check that every τ in ``taus`` is finite, with one host read for all of those that changed since their
+    last check (tracked by the tensor version counter, which optimizer steps and in-place writes bump).
+
+    Callers holding many τ (one per patched layer) pass them all, so a training step pays one device sync for the
+    check instead of one per layer. A write through ``tau.data`` bypasses the version counter and so skips the
+    re-check; the mask itself always uses the current value.
+    """
+    stale = [t for t in taus if getattr(t, "_pyflex_checked_version", None) != t._version]
+    if not stale:
+        return
+    by_device = {}
+    for t in stale:
+        by_device.setdefault(t.device, []).append(t)
+    for group in by_device.values():
+        values = torch.stack([t.detach().reshape(()).to(torch.float64) for t in group]).tolist()  # one sync
+        for t, value in zip(group, values):
+            if not math.isfinite(value):
+                raise ValueError(f"tau={value} is not finite; the threshold must be a finite number")
+            t._pyflex_checked_version = t._version
 
 
 def sparsity(mask: torch.Tensor) -> float:

@@ -174,6 +174,10 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
                          tau0=tau0, adapter_dtype=adapter_dtype)
         for name in targets
     }
+    taus = [layer.tau for layer in flex.values() if layer.tau is not None]
+    for layer in flex.values():
+        if layer.tau is not None:
+            layer.tau_peers = taus
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in flex.items():

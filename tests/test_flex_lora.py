@@ -765,3 +765,18 @@ def test_invalid_backend_names_raise(monkeypatch):
     with pytest.raises(ValueError, match="backend='bogus'"):
         with pyflex.use_backend("bogus"):
             pass
+
+
+def test_verify_taus_checks_each_change_once():
+    """On CUDA the op checks τ's finiteness once per change of τ (version counter), for all layers at once."""
+    taus = [torch.tensor(0.1), torch.tensor(0.2)]
+    ops.verify_taus(taus)
+    assert all(t._pyflex_checked_version == t._version for t in taus)
+    with torch.no_grad():
+        taus[1].fill_(float("nan"))  # an in-place write bumps the version, so the next check reads it again
+    with pytest.raises(ValueError, match="tau=nan is not finite"):
+        ops.verify_taus(taus)
+    with torch.no_grad():
+        taus[1].fill_(0.3)
+    ops.verify_taus(taus)
+    assert taus[1]._pyflex_checked_version == taus[1]._version

@@ -333,3 +333,26 @@ def test_modes(monkeypatch, modes, dtype, masked):
     for dropout in (False, True):
         out, exp = run_backward(M, K, N, r, dtype, flags=ALL, dropout=dropout, bias=False)
         check_backward(out, exp, ALL, dtype)
+
+
+def ref_ratio_median(x, weight, lora_A, lora_B, cscale):
+    probe = reference.lora_forward(x, weight, None, lora_A, lora_B, x, cscale, 0.0)
+    return probe.ratio.median()
+
+
+def test_tau_as_device_tensor_matches_float():
+    """On CUDA the op hands τ to the kernels as a tensor (no host sync); it must give what a float τ gives."""
+    torch.manual_seed(3)
+    M, K, N, R = 37, 24, 20, 4
+    x = torch.randn(M, K, device=DEVICE)
+    weight, lora_A, lora_B = (torch.randn(N, K, device=DEVICE), torch.randn(R, K, device=DEVICE),
+                              torch.randn(N, R, device=DEVICE))
+    cscale = torch.full((M,), 0.5, device=DEVICE)
+    for rows in (M, 5):  # the rows kernel and the decode kernel
+        tau = float(ref_ratio_median(x[:rows], weight, lora_A, lora_B, cscale[:rows]))
+        as_float = fl.lora_forward(x[:rows], weight, None, lora_A, lora_B, x[:rows], cscale[:rows], tau)
+        as_tensor = fl.lora_forward(x[:rows], weight, None, lora_A, lora_B, x[:rows], cscale[:rows],
+                                    torch.tensor(tau, device=DEVICE))
+        assert 0 < int(as_tensor.mask.sum()) < rows  # τ splits the tokens, so the comparison means something
+        assert torch.equal(as_float.mask, as_tensor.mask)
+        assert torch.equal(as_float.y, as_tensor.y)
