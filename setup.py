@@ -63,6 +63,9 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=4.48", "safetensors"],
     # fused: liger-kernel's RMSNorm / SwiGLU / fused linear cross-entropy for pyflex.fuse_model_ops (optional).
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft", "pybind11", "ninja", "liger-kernel>=0.8"],
+    # test: peft is the baseline the tests compare with; accelerate is needed by the HF Trainer; matplotlib draws
+    # the demo's and the profiler's charts.
+    extras_require={"test": ["pytest", "pytest-benchmark", "peft", "accelerate", "matplotlib", "pybind11", "ninja",
+                             "liger-kernel>=0.8"],
                     "fused": ["liger-kernel>=0.8"]},
 )
