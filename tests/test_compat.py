@@ -8,15 +8,8 @@ import pytest
 import torch
 
 import pyflex
-from tiny_models import assert_close, lm_loss, randomize_flex, single_thread, tiny_model, tokens  # noqa: F401
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(single_thread):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pyflex.use_backend("reference"):
-            yield
+from tiny_models import (assert_close, lm_loss, randomize_flex, reference_backend, single_thread,  # noqa: F401
+                         tiny_model, tokens)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

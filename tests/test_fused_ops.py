@@ -11,7 +11,6 @@ The real RMSNorm / SwiGLU / GeGLU kernels are compared in the `gpu` tests (skipp
 import copy
 import inspect
 import sys
-import warnings
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 import pyflex
 from pyflex import fuse_model_ops, fused_ops
 from pyflex.fused_ops import _interpreter_error, fused_ops_families
-from tiny_models import assert_close, single_thread, tiny_model, tokens  # noqa: F401
+from tiny_models import assert_close, reference_backend, single_thread, tiny_model, tokens  # noqa: F401
 
 liger_kernel = pytest.importorskip("liger_kernel")
 
@@ -29,14 +28,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 ORDERS = ("fuse_first", "patch_first")
 ALL = dict(rms_norm=True, swiglu=True, cross_entropy=True)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(single_thread):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pyflex.use_backend("reference"):
-            yield
 
 
 @pytest.fixture

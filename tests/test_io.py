@@ -9,18 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pyflex
-from tiny_models import (assert_close, lm_loss, peft_lora_modules, randomize_flex, randomize_peft,
-                         single_thread, tiny_model, tokens)  # noqa: F401
+from tiny_models import (assert_close, lm_loss, peft_lora_modules, randomize_flex, randomize_peft,  # noqa: F401
+                         reference_backend, single_thread, tiny_model, tokens)
 
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(single_thread):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pyflex.use_backend("reference"):
-            yield
 
 
 def _patched(family="llama", **kw):

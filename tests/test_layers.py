@@ -1,6 +1,5 @@
 """FlexLinear against hand-written formulas (reference backend)."""
 import math
-import warnings
 
 import pytest
 import torch
@@ -8,17 +7,9 @@ from torch import nn
 
 import pyflex
 from pyflex import FlexLinear
-from tiny_models import assert_close, single_thread  # noqa: F401
+from tiny_models import assert_close, reference_backend, single_thread  # noqa: F401
 
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(single_thread):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pyflex.use_backend("reference"):
-            yield
 
 
 def _randomize(layer, std=0.3):

@@ -1,6 +1,5 @@
 """patch_model / unpatch / merge / registry on tiny HF models, compared with PEFT."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -8,18 +7,10 @@ from torch import nn
 
 import pyflex
 from pyflex.models import FAMILIES as FAMILY_TABLE
-from tiny_models import (FAMILIES, assert_close, copy_peft_to_flex, lm_loss, peft_lora_modules, randomize_flex,
-                         randomize_peft, single_thread, tiny_model, tokens)
+from tiny_models import (FAMILIES, assert_close, copy_peft_to_flex, lm_loss, peft_lora_modules,  # noqa: F401
+                         randomize_flex, randomize_peft, reference_backend, single_thread, tiny_model, tokens)
 
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(single_thread):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pyflex.use_backend("reference"):
-            yield
 
 
 def _targets_for(family):

@@ -3,9 +3,13 @@ test_patch / test_io / test_compat."""
 from __future__ import annotations
 
 import copy
+import warnings
 
+import pytest
 import torch
 from torch import nn
+
+import pyflex
 
 VOCAB = 64
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "bert")
@@ -85,7 +89,6 @@ def copy_peft_to_flex(peft_model, flex_model) -> int:
 
 
 def randomize_flex(model, seed: int = 3, std: float = 0.2) -> None:
-    import pyflex
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -109,7 +112,6 @@ def clone(model):
     return copy.deepcopy(model)
 
 
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=False)
@@ -119,3 +121,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(single_thread):
+    """Model-level tests run the reference op on one thread, so they do not depend on the C++ build (the op tests
+    cover every backend). A test module opts in by importing this fixture (it is autouse there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pyflex.use_backend("reference"):
+            yield
