@@ -423,8 +423,9 @@ def plot(payload: dict, path: str) -> None:
     ax_m.bar(names, mem, color="#8172b2")
     for i, v in enumerate(mem):
         ax_m.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax_m.set(title="peak memory" + (" (cuda max_memory_allocated)" if payload["environment"]["device"].startswith("cuda")
-                                    else " (process RSS increase, rough)"), ylabel="GiB")
+    on_cuda = payload["environment"]["device"].startswith("cuda")
+    ax_m.set(title="peak memory" + (" (cuda max_memory_allocated)" if on_cuda else " (process RSS increase, rough)"),
+             ylabel="GiB")
     for ax in (ax_t, ax_m):
         ax.tick_params(axis="x", rotation=35)
     c = payload["config"]
@@ -440,8 +441,8 @@ def plot(payload: dict, path: str) -> None:
 # CLI
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=list(SIZES), default=None,
                    help="preset: 1b (default on GPU) or tiny (default without CUDA); the flags below override it")
     for flag in ("hidden", "layers", "intermediate", "heads", "kv-heads", "vocab", "batch", "seq"):

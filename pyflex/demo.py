@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 # Deterministic cuBLAS must be configured before CUDA initialises.
@@ -154,8 +154,8 @@ class PeakMemory:
 
     CUDA: ``torch.cuda.max_memory_allocated`` (peak of live tensors, reset on entry), reported as the peak.
     CPU: the process RSS, sampled every ``interval`` s by a thread; reported as the peak *increase* over the RSS on
-    entry (the process itself — Python, torch, the pre-trained model — is not counted). The CPU allocator keeps freed
-    pages, so an earlier method can hide part of a later one's growth: compare CPU figures loosely.
+    entry (the process itself — Python, torch, the pre-trained model — is not counted). The CPU allocator keeps
+    freed pages, so an earlier method can hide part of a later one's growth: compare CPU figures loosely.
     """
 
     def __init__(self, device: torch.device, interval: float = 0.002):
@@ -354,7 +354,9 @@ def train(setup: MethodSetup, train_batches: List[dict], eval_batches: List[dict
     model, optimizer, schedule = setup.model, setup.optimizer, setup.schedule
     params = [p for g in optimizer.param_groups for p in g["params"]]
     warmup = max(1, cfg.warmup_steps)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    # linear warm-up, then linear decay to 10% (every param group, τ's included, so the mask settles at the end)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1.0 - 0.9 * s / max(1, steps)))
     model.train()
     curve, evals, sparsities, active_params, step_ms = [], [], [], [], []
     first = evaluate(model, eval_batches)
@@ -574,7 +576,8 @@ def _plot(payload: dict, path: str) -> Optional[str]:
             continue
         curve = r["train_loss_curve"]
         k = max(1, len(curve) // 30)  # moving average over ~3% of the run
-        smooth = [sum(curve[max(0, i - k + 1): i + 1]) / len(curve[max(0, i - k + 1): i + 1]) for i in range(len(curve))]
+        smooth = [sum(curve[max(0, i - k + 1): i + 1]) / len(curve[max(0, i - k + 1): i + 1])
+                  for i in range(len(curve))]
         axes[1].plot(range(1, len(curve) + 1), smooth, label=name)
         ev = r["eval_curve"]
         axes[2].plot([e["step"] for e in ev], [e["loss"] for e in ev], marker="o", ms=3, label=name)

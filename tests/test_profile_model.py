@@ -60,7 +60,8 @@ def test_cpu_defaults_to_tiny(profile_run):
     assert any("tiny" in n for n in notes)
     big = module.parse_args(["--device", "cpu", "--size", "1b"])
     module.resolve_args(big)
-    assert (big.hidden, big.intermediate, big.layers, big.heads, big.kv_heads, big.vocab) == (2048, 5632, 22, 32, 4, 32000)
+    shape = (big.hidden, big.intermediate, big.layers, big.heads, big.kv_heads, big.vocab)
+    assert shape == (2048, 5632, 22, 32, 4, 32000)
 
 
 def test_unknown_method(profile_run, capsys):
