@@ -246,6 +246,7 @@ def setup_h2lpt(model, args) -> Setup:
     return _setup_hlpt(model, args, "h2lpt")
 
 
+CUDA_ONLY_METHODS = ("pyflex_lora_fused",)
 SETUPS: Dict[str, Callable] = {name: globals()[f"setup_{name}"] for name in METHOD_NAMES}
 
 
@@ -449,7 +450,9 @@ def parse_args(argv=None):
         p.add_argument(f"--{flag}", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 for tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 2; 1 for tiny)")
-    p.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma list of: {', '.join(METHOD_NAMES)}")
+    p.add_argument("--methods", default=None,
+                   help=f"comma list of: {', '.join(METHOD_NAMES)} (default: all; without CUDA all but "
+                        f"{', '.join(CUDA_ONLY_METHODS)})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
@@ -515,6 +518,13 @@ def _environment(device: torch.device) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     notes = resolve_args(args)
+    if args.methods is None:
+        # liger's kernels need CUDA (or the Triton interpreter, which cannot run all of them): by default a CPU run
+        # leaves the fused method out instead of failing on it; naming it explicitly still runs it.
+        on_cuda = torch.device(args.device).type == "cuda"
+        args.methods = ",".join(m for m in METHOD_NAMES if on_cuda or m not in CUDA_ONLY_METHODS)
+        if not on_cuda:
+            notes.append(f"no CUDA device: leaving out {', '.join(CUDA_ONLY_METHODS)} (name it in --methods to force)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in SETUPS]
     if unknown or not methods:

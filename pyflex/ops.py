@@ -229,7 +229,6 @@ class FlexLoraFunction(torch.autograd.Function):
         ctx.flags = dict(need_dx=needs[0], need_dweight=needs[1], need_dbias=bias is not None and needs[2],
                          need_adapter=need_adapter, need_uz=need_uz)
         ctx.scale, ctx.lam, ctx.backend_name = float(scale), float(lam), backend_name
-        ctx.has_dropout = dropout_scale is not None
         ctx.coef_dtype = None if coef is None else coef.dtype
         ctx.tau_meta = None if tau is None else (tau.shape, tau.dtype, tau.device)
         ctx.mark_non_differentiable(mask)
