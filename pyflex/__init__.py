@@ -1,40 +1,29 @@
-"""pyflex: kernel-accelerated parameter-efficient fine-tuning for Hugging Face models."""
+"""pyflex: kernel-accelerated parameter-efficient fine-tuning for Hugging Face models.
+
+Layers, lowest first: the op (ops, reference, tau) → FlexLinear (layers) → patching (patch, models, handles, io) →
+plans (HLPT, prefix) and schedules (IST, LIFT) → the Trainer callback. fused_ops wraps liger-kernel, imported only
+when it is called.
+"""
 from .ops import BACKENDS, cpp_available, current_backend_name, flex_lora, resolve_backend, sparsity, use_backend
 from .tau import make_tau, tau_param_groups, tau_values
+from .layers import FlexLinear
+from .handles import LayerHandle, LayerRegistry
+from .patch import get_registry, merge, patch_model, unpatch
+from .io import load_adapter, load_peft_adapter, save_adapter, save_peft_adapter
+from .prefix import GatedPrefix, PooledGate
+from .plans import HLPT_LR, HLPTPlan, apply_hlpt, hlpt_layer_counts
+from .schedules import ImportanceSchedule, LayerSchedule, LiftSchedule, lift_sequence
+from .callbacks import PyflexCallback
+from .fused_ops import fuse_model_ops, fused_ops
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "cpp_available", "current_backend_name", "flex_lora", "make_tau", "resolve_backend",
-    "sparsity", "tau_param_groups", "tau_values", "use_backend",
+    "BACKENDS", "cpp_available", "current_backend_name", "flex_lora", "resolve_backend", "sparsity", "use_backend",
+    "make_tau", "tau_param_groups", "tau_values",
+    "FlexLinear", "LayerHandle", "LayerRegistry", "get_registry", "merge", "patch_model", "unpatch",
+    "load_adapter", "load_peft_adapter", "save_adapter", "save_peft_adapter",
+    "GatedPrefix", "PooledGate", "HLPT_LR", "HLPTPlan", "apply_hlpt", "hlpt_layer_counts",
+    "ImportanceSchedule", "LayerSchedule", "LiftSchedule", "lift_sequence",
+    "PyflexCallback", "fuse_model_ops", "fused_ops",
 ]
-
-from .layers import FlexLinear
-from .patch import get_registry, merge, patch_model, unpatch
-
-__all__ += ["FlexLinear", "get_registry", "merge", "patch_model", "unpatch"]
-
-from .io import load_adapter, load_peft_adapter, save_adapter, save_peft_adapter
-
-__all__ += ["load_adapter", "load_peft_adapter", "save_adapter", "save_peft_adapter"]
-
-from .plans import HLPT_LR, HLPTPlan, apply_hlpt, hlpt_layer_counts
-from .prefix import GatedPrefix, PooledGate
-from .schedules import ImportanceSchedule, LayerSchedule, LiftSchedule, lift_sequence
-
-__all__ += ["GatedPrefix", "HLPT_LR", "HLPTPlan", "ImportanceSchedule", "LayerSchedule", "LiftSchedule", "PooledGate",
-            "apply_hlpt", "hlpt_layer_counts", "lift_sequence"]
-
-try:  # the Trainer callback needs transformers (a dependency of every model pyflex patches)
-    from .callbacks import PyflexCallback
-    __all__ += ["PyflexCallback"]
-except ImportError:  # pragma: no cover
-    pass
-
-from .handles import LayerHandle, LayerRegistry
-
-__all__ += ["LayerHandle", "LayerRegistry"]
-
-from .fused_ops import fuse_model_ops, fused_ops  # liger-kernel is imported only when fuse_model_ops is called
-
-__all__ += ["fuse_model_ops", "fused_ops"]
