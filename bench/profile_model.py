@@ -160,14 +160,8 @@ def setup_pyflex_lora_fused(model, args) -> Setup:
 def _per_layer_sparsity(model) -> Dict[str, Optional[float]]:
     """Mean τ-mask sparsity of each layer's FlexLinears (last forward), keyed by layer index."""
     import pyflex
-    from pyflex.layers import FlexLinear
 
-    out = {}
-    for handle in pyflex.get_registry(model).layers:
-        values = [m.last_sparsity for m in handle.adapters.values() if isinstance(m, FlexLinear) and m.tau is not None]
-        values = [v for v in values if v is not None]
-        out[str(handle.index)] = sum(values) / len(values) if values else None
-    return out
+    return {str(index): value for index, value in pyflex.get_registry(model).tau_sparsity().items()}
 
 
 def setup_pyflex_tau(model, args) -> Setup:

@@ -91,11 +91,7 @@ class PyflexCallback(TrainerCallback):
     def metrics(self) -> dict:
         """Numbers worth logging now."""
         out = {"pyflex/active_layers": float(len(self.schedule.active_layers))}
-        sparsities = []
-        for module in self.schedule.registry.adapter_modules().values():
-            value = getattr(module, "last_sparsity", None)
-            if isinstance(value, float):
-                sparsities.append(value)
+        sparsities = [v for v in self.schedule.registry.tau_sparsity().values() if v is not None]
         if sparsities:
             out["pyflex/tau_sparsity"] = sum(sparsities) / len(sparsities)
         importance = getattr(self.schedule, "importance", None)

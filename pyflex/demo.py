@@ -212,10 +212,9 @@ def _adamw(params, cfg: DemoConfig) -> torch.optim.Optimizer:
 
 def _tau_sparsity(model) -> Optional[float]:
     """Mean PEFT_S sparsity (eq. 23) over the τ-masked layers, for their last forward."""
-    from .layers import FlexLinear
+    from .patch import get_registry
 
-    values = [m.last_sparsity for m in model.modules() if isinstance(m, FlexLinear) and m.tau is not None]
-    values = [v for v in values if v is not None]
+    values = [v for v in get_registry(model).tau_sparsity().values() if v is not None]
     return sum(values) / len(values) if values else None
 
 

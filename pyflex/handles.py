@@ -257,6 +257,23 @@ class LayerRegistry:
         out.update(self.extra_adapters)
         return out
 
+    def tau_sparsity(self) -> Dict[int, Optional[float]]:
+        """PEFT_S eq. 23 per layer index: the mean sparsity of the layer's τ-masked FlexLinears in their last forward;
+        None for a layer without one (or before the first forward). All masks are read with one host sync."""
+        counts, fractions = [], []
+        for handle in self.layers:
+            masks = [m.last_mask for m in handle.adapters.values() if getattr(m, "last_mask", None) is not None]
+            counts.append(len(masks))
+            fractions += [1.0 - mask.float().mean() if mask.numel() else mask.new_zeros((), dtype=torch.float32)
+                          for mask in masks]
+        values = torch.stack([f.to(fractions[0].device) for f in fractions]).tolist() if fractions else []
+        out: Dict[int, Optional[float]] = {}
+        start = 0
+        for handle, count in zip(self.layers, counts):
+            out[handle.index] = sum(values[start:start + count]) / count if count else None
+            start += count
+        return out
+
     def set_response_scale(self, value: float) -> None:
         for handle in self.layers:
             handle.response_scale = value

@@ -424,3 +424,23 @@ def test_pickle_and_dtype_conversion_keep_the_patch():
     pyflex.unpatch(clone)
     assert clone.transformer.h[0].attn.c_attn.weight.dtype == torch.float64
     assert_close(clone(ids).logits, tiny_model("gpt2")(ids).logits.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_registry_tau_sparsity_matches_each_layer():
+    """registry.tau_sparsity() (one host read) equals the per-module eq. 23 figures averaged per layer."""
+    model = pyflex.patch_model(tiny_model("llama"), r=4, target_modules=["q_proj", "down_proj"], tau=True,
+                               layers=[0, 2])
+    randomize_flex(model)
+    registry = pyflex.get_registry(model)
+    assert all(v is None for v in registry.tau_sparsity().values())  # nothing has run yet
+    with torch.no_grad():
+        for name, module in registry.adapter_modules().items():
+            module.tau.fill_(1e9 if name.endswith("q_proj") else 0.0)  # q_proj: every token masked; down_proj: none
+        model(tokens(batch=2, seq=9))
+    got = registry.tau_sparsity()
+    assert got[1] is None  # layer 1 is not patched
+    for index in (0, 2):
+        modules = registry[index].adapters.values()
+        expected = sum(m.last_sparsity for m in modules) / len(modules)
+        assert got[index] == pytest.approx(expected, abs=1e-6)
+        assert got[index] == pytest.approx(0.5)  # the mean of 1.0 (q_proj) and 0.0 (down_proj)
