@@ -25,9 +25,6 @@ from torch import nn
 
 from .ops import flex_lora, sparsity, verify_taus
 
-# The op picks a backend, syncs on τ and gathers active tokens (data-dependent shapes): nothing torch.compile can
-# capture. Keep dynamo out of it; under torch.compile each FlexLinear call is one graph break.
-_flex_lora_eager = torch.compiler.disable(flex_lora, recursive=True)
 from .tau import make_tau
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
@@ -204,15 +201,15 @@ class FlexLinear(nn.Module):
             bias = None if bias is None else bias.to(dtype)
         if lora_A.dtype != dtype:  # fp32 adapters on a low-precision base (see class docstring)
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
-        if self.tau is not None and self.tau.is_cuda and \
+        if self.tau is not None and self.tau.is_cuda and not torch.compiler.is_compiling() and \
                 getattr(self.tau, "_pyflex_checked_version", None) != self.tau._version:
             # τ changed (an optimizer step): check every τ of the model in one host read instead of one per layer
             verify_taus(self.tau_peers or [self.tau])
         coef = None if self.gate is None else self.gate(x)
         scale = self.scaling * float(self.response_scale)
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            op = _flex_lora_eager if torch.compiler.is_compiling() else flex_lora
-            y, mask = op(x, weight, bias, lora_A, lora_B, scale, tau=self.tau, coef=coef, lam=self.lam,
+            # under torch.compile flex_lora runs as opaque custom ops, so a patched model compiles without breaks
+            y, mask = flex_lora(x, weight, bias, lora_A, lora_B, scale, tau=self.tau, coef=coef, lam=self.lam,
                                 dropout_p=self.dropout if self.training else 0.0, return_mask=True)
         if self.tau is not None:
             self.last_mask = mask.detach()  # stays on device; last_sparsity reads it lazily

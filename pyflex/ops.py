@@ -18,7 +18,7 @@ import importlib
 import math
 import os
 import warnings
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -253,6 +253,125 @@ class FlexLoraFunction(torch.autograd.Function):
         return dx, dweight, dbias, dA, dB, dcoef, dtau, None, None, None, None, None
 
 
+# --------------------------------------------------------------------------------------------------
+# torch.compile path: the same backends behind two opaque custom ops, so that dynamo traces a patched model
+# without a graph break per layer. Eager calls keep FlexLoraFunction (lower per-call overhead).
+# --------------------------------------------------------------------------------------------------
+def _host_tau(tau: Optional[torch.Tensor], device: torch.device, backend_name: str):
+    """τ as the backend takes it: the device tensor for Triton on CUDA (no sync), else a checked python float."""
+    if tau is None:
+        return None
+    if backend_name == "triton" and device.type == "cuda":
+        verify_taus([tau])
+        return tau.detach()
+    value = float(tau.detach())
+    if not math.isfinite(value):
+        raise ValueError(f"tau={value} is not finite; the threshold must be a finite number")
+    return value
+
+
+@torch.library.custom_op("pyflex::lora_forward", mutates_args=())
+def _lora_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, cscale: torch.Tensor, tau: Optional[torch.Tensor],
+                     dropout_scale: Optional[torch.Tensor], lam: float, backend_name: str
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # lam is unused here: it is an input so that the backward (setup_context) sees it
+    _, backend = resolve_backend(x.device, backend_name)
+    x_lora = x if dropout_scale is None else x * dropout_scale
+    result = backend.lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale,
+                                  _host_tau(tau, x.device, backend_name))
+    return result[0], result[1], result[3]
+
+
+@_lora_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name):
+    cdt = reference.compute_dtype(x.dtype)
+    M = x.shape[0]
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=cdt),
+            x.new_empty((M,), dtype=torch.bool))
+
+
+@torch.library.custom_op("pyflex::lora_backward", mutates_args=())
+def _lora_backward_op(gy: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                      lora_A: Optional[torch.Tensor], lora_B: torch.Tensor, z: Optional[torch.Tensor],
+                      cscale: torch.Tensor, mask: torch.Tensor,
+                      dropout_scale: Optional[torch.Tensor], need_dx: bool, need_dweight: bool, need_dbias: bool,
+                      need_adapter: bool, need_uz: bool, backend_name: str) -> List[torch.Tensor]:
+    _, backend = resolve_backend(gy.device, backend_name)
+    x_lora = x if dropout_scale is None else x * dropout_scale
+    res = backend.lora_backward(gy.contiguous(), x, weight, lora_A, lora_B, x_lora, z, cscale, mask,
+                                dropout_scale=dropout_scale, need_dx=need_dx, need_dweight=need_dweight,
+                                need_dbias=need_dbias, need_adapter=need_adapter, need_uz=need_uz)
+    # custom ops return tensors only: an empty tensor stands for "not computed"
+    return [t if t is not None else gy.new_empty((0,)) for t in res]
+
+
+@_lora_backward_op.register_fake
+def _(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, need_dx, need_dweight, need_dbias,
+      need_adapter, need_uz, backend_name):
+    M, N = gy.shape
+    r = lora_B.shape[1]
+    K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0
+    empty = gy.new_empty((0,))
+    return [gy.new_empty((M, K)) if need_dx else empty, gy.new_empty((N, K)) if need_dweight else empty,
+            gy.new_empty((N,)) if need_dbias else empty,
+            lora_B.new_empty((r, K)) if need_adapter else empty,
+            lora_B.new_empty((N, r)) if need_adapter else empty,
+            cscale.new_empty((M,)) if need_uz else empty]
+
+
+def _compiled_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name = inputs
+    _, z, mask = output
+    needs = ctx.needs_input_grad
+    ctx.flags = dict(need_dx=needs[0], need_dweight=needs[1], need_dbias=bias is not None and needs[2],
+                     need_adapter=needs[3] or needs[4],
+                     need_uz=(tau is not None and needs[6]) or needs[5])
+    ctx.backend_name, ctx.lam = backend_name, lam
+    ctx.has_tau, ctx.has_bias = tau is not None, bias is not None
+    flags = ctx.flags
+    # As in eager: save only what the backward that will run reads (a frozen adapter saves no x and no z).
+    ctx.save_for_backward(x if flags["need_dweight"] or flags["need_adapter"] else None,
+                          weight if flags["need_dx"] else None, lora_A if flags["need_dx"] else None, lora_B,
+                          z if flags["need_adapter"] or flags["need_uz"] else None, cscale, mask,
+                          dropout_scale, tau)
+
+
+def _compiled_backward(ctx, gy, _gz, _gmask):
+    x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, tau = ctx.saved_tensors
+    dx, dweight, dbias, dA, dB, uz = _lora_backward_op(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale,
+                                                       backend_name=ctx.backend_name, **ctx.flags)
+    needs = ctx.needs_input_grad
+    dcscale = (mask.to(uz.dtype) * uz) if needs[5] else None      # ∂y_i/∂cscale_i = m_i·B z_i
+    dtau = None
+    if ctx.has_tau and needs[6]:
+        dtau = reference.tau_gradient(uz, cscale, mask, ctx.lam).reshape(tau.shape).to(tau.dtype)
+    return (dx if needs[0] else None, dweight if needs[1] else None, dbias if ctx.flags["need_dbias"] else None,
+            dA if needs[3] else None, dB if needs[4] else None, dcscale, dtau, None, None, None)
+
+
+def _compiled_flex_lora(x2, weight, bias, lora_A, lora_B, coef2, tau, scale, lam, dropout_scale, backend_name):
+    """The op as dynamo traces it: cscale = scale·coef is a differentiable torch expression, so coef's gradient flows
+    through it (∂L/∂cscale_i = m_i·u_i·z_i)."""
+    cdt = reference.compute_dtype(x2.dtype)
+    if coef2 is None:
+        cscale = torch.full((x2.shape[0],), float(scale), dtype=cdt, device=x2.device)
+    else:
+        cscale = coef2.to(cdt) * float(scale)
+    y, _, mask = _lora_forward_op(x2, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, float(lam),
+                                  backend_name)
+    return y, mask
+
+
+torch.library.register_autograd("pyflex::lora_forward", _compiled_backward, setup_context=_compiled_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _backend_name_for(device: torch.device) -> str:
+    """The backend name, resolved once per compiled graph (dynamo treats it as a constant)."""
+    return resolve_backend(device)[0]
+
+
 def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, lam=0.0, dropout_p=0.0,
               return_mask=False):
     """τ-masked LoRA linear: ``y_i = x_i W0ᵀ + b + m_i · scale · c_i · B A dropout(x_i)``.
@@ -283,20 +402,16 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
     if dropout_p > 0:
         keep = torch.rand_like(x2, dtype=torch.float32) >= dropout_p
         dropout_scale = keep.to(x2.dtype) / (1.0 - dropout_p)
-    backend_name, _ = resolve_backend(x.device)
-    tau_value = None
-    if tau is not None:
-        if backend_name == "triton" and x.device.type == "cuda":
-            # The kernels read τ on the device. Its finiteness is checked on the host once per change of τ
-            # (verify_taus), not once per call: a host read is a device sync.
-            verify_taus([tau])
-            tau_value = tau.detach()
-        else:
-            tau_value = float(tau.detach())
-            if not math.isfinite(tau_value):
-                raise ValueError(f"tau={tau_value} is not finite; the threshold must be a finite number")
-    y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, tau_value, float(scale),
-                                     float(lam), dropout_scale, backend_name)
+    if torch.compiler.is_compiling():
+        y, mask = _compiled_flex_lora(x2, weight, bias, lora_A, lora_B, coef2, tau, scale, lam, dropout_scale,
+                                      _backend_name_for(x.device))
+    else:
+        backend_name, _ = resolve_backend(x.device)
+        # On CUDA the kernels read τ on the device; its finiteness is checked once per change of τ (verify_taus),
+        # not once per call, since a host read is a device sync.
+        tau_value = _host_tau(tau, x.device, backend_name)
+        y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, tau_value, float(scale),
+                                         float(lam), dropout_scale, backend_name)
     y = y.reshape(*lead, weight.shape[0])
     if return_mask:
         return y, mask.reshape(lead)

@@ -780,3 +780,33 @@ def test_verify_taus_checks_each_change_once():
         taus[1].fill_(0.3)
     ops.verify_taus(taus)
     assert taus[1]._pyflex_checked_version == taus[1]._version
+
+
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """Under torch.compile the op is two opaque custom ops with a registered autograd: one graph, same numbers,
+    same gradients (coef's through cscale, τ's surrogate included)."""
+    torch.manual_seed(4)
+    M, K, N, r = 9, 16, 12, 4
+    x = torch.randn(M, K, requires_grad=True)
+    weight = torch.randn(N, K)
+    bias = torch.randn(N, requires_grad=True)
+    lora_A = torch.randn(r, K, requires_grad=True)
+    lora_B = (torch.randn(N, r) * 0.5).requires_grad_()
+    coef = torch.rand(M, requires_grad=True)
+    tau = torch.nn.Parameter(torch.tensor(0.2))
+
+    def op(x, bias, lora_A, lora_B, coef, tau):
+        return pyflex.flex_lora(x, weight, bias, lora_A, lora_B, 0.5, tau=tau, coef=coef, lam=1e-3, return_mask=True)
+
+    inputs = (x, bias, lora_A, lora_B, coef, tau)
+    y, mask = op(*inputs)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, gy)
+    torch._dynamo.reset()
+    y_c, mask_c = torch.compile(op, fullgraph=True, backend="aot_eager")(*inputs)
+    grads_c = torch.autograd.grad(y_c, inputs, gy)
+    assert 0 < int(mask.sum()) < M  # τ splits the tokens
+    assert torch.equal(mask, mask_c)
+    assert rms_ratio(y_c, y) < 1e-6
+    for name, g, g_c in zip(("x", "bias", "lora_A", "lora_B", "coef", "tau"), grads, grads_c):
+        assert rms_ratio(g_c, g) < 1e-6, name
