@@ -10,6 +10,10 @@ Dispatch (``PYFLEX_BACKEND`` or :func:`use_backend`):
     triton     Triton kernels; on CPU tensors they run under the Triton interpreter (TRITON_INTERPRET=1)
     cpp        the C++ (OpenMP) extension, CPU tensors only
     reference  plain PyTorch (pyflex/reference.py)
+
+Two autograd paths over the same backends: eager calls go through :class:`FlexLoraFunction`; under torch.compile
+the op is the custom ops ``pyflex::lora_forward`` / ``pyflex::lora_backward`` with a registered autograd, which
+dynamo keeps opaque, so a patched model compiles as one graph.
 """
 from __future__ import annotations
 
