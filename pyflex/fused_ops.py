@@ -38,16 +38,35 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from . import gated_mlp
 from .layers import FlexLinear
 from .models import supported_families
 
-__all__ = ["fuse_model_ops", "fused_ops", "fused_ops_families", "FUSED_ATTR"]
+__all__ = ["fuse_model_ops", "fused_ops", "fused_ops_families", "liger_act_mul", "FUSED_ATTR"]
 
 FUSED_ATTR = "_pyflex_fused_ops"
 
 # pyflex families that liger-kernel patches → the gated MLP each one has (also the name of liger's flag for it).
 _MLP_KIND: Dict[str, str] = {"llama": "swiglu", "mistral": "swiglu", "qwen2": "swiglu", "qwen3": "swiglu",
                              "phi3": "swiglu", "gemma2": "geglu"}
+
+
+def liger_act_mul(mlp_kind: str):
+    """liger's fused act(g)·u ('swiglu' or 'geglu') as a :mod:`pyflex.gated_mlp` act_mul: pyflex's memory-light MLP
+    forward runs it in place of its own GatedActFunction when the model is fused (same saved tensors: g and u)."""
+    if mlp_kind == "swiglu":
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction as function
+    elif mlp_kind == "geglu":
+        from liger_kernel.ops.geglu import LigerGELUMulFunction as function
+    else:
+        raise ValueError(f"mlp_kind={mlp_kind!r} is not one of swiglu, geglu")
+
+    def act_mul(g, u, state):
+        return function.apply(g, u)
+    # liger makes contiguous copies of its inputs and saves those; handing it contiguous g, u makes the h recipe
+    # share them instead of keeping a third and fourth tensor alive
+    act_mul.needs_contiguous = True
+    return act_mul
 
 
 def fused_ops_families() -> Tuple[str, ...]:
@@ -195,6 +214,8 @@ def fuse_model_ops(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = Tr
     before = dict(vars(modeling))
     kwargs = {"rope": bool(rope), "rms_norm": bool(rms_norm), mlp_kind: bool(swiglu),
               "fused_linear_cross_entropy": bool(cross_entropy), "cross_entropy": False}
+    # MLPs running pyflex's memory-light forward (patch_model(recompute_mlp=...)); liger rebinds their forward
+    pyflex_mlps = [m for m in model.modules() if gated_mlp.has_gated_mlp(m)]
     try:
         liger.MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](model=model, **kwargs)
     finally:
@@ -203,6 +224,10 @@ def fuse_model_ops(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = Tr
             if name not in keep and vars(modeling).get(name) is not value:
                 setattr(modeling, name, value)
 
+    if swiglu:
+        # keep pyflex's forward (it saves g and u only, and rebuilds down_proj's input) with liger's kernel inside
+        for mlp in pyflex_mlps:
+            gated_mlp.install_gated_mlp(mlp, gated_mlp.installed_kind(mlp), liger_act_mul(mlp_kind))
     if cross_entropy:
         lce = model.forward.__func__  # liger bound its lce_forward to this instance
         model.forward = MethodType(_guard_lm_head(lce), model)

@@ -32,6 +32,8 @@ class FamilySpec:
     conv1d: the projections are GPT-2 ``Conv1D`` (weight stored (in, out)) rather than ``nn.Linear``.
     lm_head: names of output heads that "all-linear" never touches (relative to the top model).
     fused: human note about fused projections (Phi-3 qkv_proj / gate_up_proj, GPT-2 c_attn, NeoX query_key_value).
+    gated_mlp: the layer's ``mlp`` is a gated MLP of this :data:`pyflex.gated_mlp.GATED_MLP_KINDS` kind ('split':
+        gate_proj/up_proj/act_fn/down_proj, 'fused': Phi-3's gate_up_proj), or '' (not gated).
     """
     model_types: Tuple[str, ...]
     layers_path: str
@@ -43,6 +45,7 @@ class FamilySpec:
     conv1d: bool = False
     lm_head: Tuple[str, ...] = ("lm_head",)
     fused: str = ""
+    gated_mlp: str = ""
 
     @property
     def projections(self) -> Tuple[str, ...]:
@@ -61,10 +64,11 @@ def _add(spec: FamilySpec) -> None:
 
 
 _add(FamilySpec(("llama", "mistral", "qwen2", "qwen3", "gemma2"), "layers", "model.layers",
-                _LLAMA_ATTN, _LLAMA_FFN, "mlp.down_proj", "input_layernorm"))
+                _LLAMA_ATTN, _LLAMA_FFN, "mlp.down_proj", "input_layernorm", gated_mlp="split"))
 _add(FamilySpec(("phi3",), "layers", "model.layers",
                 ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj"),
-                "mlp.down_proj", "input_layernorm", fused="qkv_proj = [q; k; v], gate_up_proj = [gate; up]"))
+                "mlp.down_proj", "input_layernorm", fused="qkv_proj = [q; k; v], gate_up_proj = [gate; up]",
+                gated_mlp="fused"))
 _add(FamilySpec(("gpt2",), "h", "transformer.h",
                 ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"),
                 "mlp.c_proj", "ln_1", conv1d=True, fused="c_attn = [q; k; v] (Conv1D)"))

@@ -10,9 +10,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import gated_mlp
+from .fused_ops import fused_ops, liger_act_mul
 from .handles import REGISTRY_ATTR, LayerRegistry
 from .layers import FlexLinear, is_linear_like
-from .models import resolve_layers, supported_families
+from .models import FAMILIES, resolve_layers, supported_families
 
 __all__ = ["patch_model", "unpatch", "merge", "get_registry", "is_patched", "find_targets"]
 
@@ -128,7 +130,7 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
                 target_modules: Union[str, Sequence[str]] = "all-linear", layers: Union[None, int, Iterable[int]] = None,
                 tau: bool = False, lam: float = 0.0, tau0: float = 0.0, bias: str = "none",
                 adapter_dtype: Optional[torch.dtype] = None, train_bias: bool = False,
-                layers_path: Optional[str] = None) -> nn.Module:
+                layers_path: Optional[str] = None, recompute_mlp: Optional[bool] = None) -> nn.Module:
     """Replace the target linears of ``model`` by :class:`~pyflex.FlexLinear` in place and return ``model``.
 
     Afterwards only the adapter parameters (lora_A, lora_B, tau) require grad, plus biases if asked.
@@ -150,6 +152,11 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
             linears train). ``train_bias=True`` is the same as ``bias="lora_only"``.
         adapter_dtype: dtype of lora_A/lora_B; default the base weight dtype (see FlexLinear).
         layers_path: dotted path (from ``model``) of the layer ModuleList, for families outside pyflex.models.
+        recompute_mlp: gated-MLP activation memory (:mod:`pyflex.gated_mlp`): every layer's MLP keeps only the
+            gate and up outputs for backward and rebuilds act(gate) and down_proj's input there, bitwise equal to
+            eager. None (default): on for families with a gated MLP (Llama, Mistral, Qwen2/3, Gemma2, Phi-3), off
+            otherwise; True: required (error for other families); False: off. Saves one (tokens × intermediate)
+            tensor per layer, two where down_proj has an adapter, for one or two extra elementwise passes.
 
     Patching twice is an error: call :func:`unpatch` (or :func:`merge`) first, then patch with the new settings.
     """
@@ -164,6 +171,7 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
         bias = "lora_only"
     targets = find_targets(model, target_modules, layers, layers_path)
     layer_list, spec = resolve_layers(model, layers_path)
+    mlp_kind = _gated_mlp_kind(model, spec, recompute_mlp, layer_list)
     names_by_id = {id(m): n for n, m in model.named_modules()}
     block_names = [names_by_id[id(b)] for b in layer_list]
     orig_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -183,6 +191,11 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
     for name, layer in flex.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    if mlp_kind:
+        fused = fused_ops(model)
+        act_mul = liger_act_mul(fused["mlp"]) if fused.get("swiglu") else None
+        for block in layer_list:
+            gated_mlp.install_gated_mlp(block.mlp, mlp_kind, act_mul)
     if bias == "all":
         for n, p in model.named_parameters():
             if n == "bias" or n.endswith(".bias"):
@@ -205,11 +218,32 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
                            lam=float(lam), tau0=float(tau0), bias=bias,
                            adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).replace("torch.", ""),
                            target_modules=list(targets), layers_path=registry.layers_path,
+                           recompute_mlp=bool(mlp_kind),
                            model_type=getattr(getattr(model, "config", None), "model_type", None))
     registry._orig_requires_grad = orig_requires_grad
     registry._attach_hooks()
     object.__setattr__(model, REGISTRY_ATTR, registry)
     return model
+
+
+def _gated_mlp_kind(model: nn.Module, spec, recompute_mlp: Optional[bool], layer_list) -> str:
+    """The gated-MLP kind to install on every layer ('' for none); validates before the model is touched."""
+    if recompute_mlp not in (None, True, False):
+        raise TypeError(f"recompute_mlp={recompute_mlp!r} must be None, True or False")
+    kind = spec.gated_mlp if spec is not None else ""
+    if recompute_mlp is True and not kind:
+        gated = sorted(t for t, s in FAMILIES.items() if s.gated_mlp)
+        raise ValueError(f"recompute_mlp=True needs a gated-MLP family, but model_type="
+                         f"{getattr(getattr(model, 'config', None), 'model_type', None)!r} has none in pyflex's table; "
+                         f"gated families: {', '.join(gated)}. Pass recompute_mlp=None or False")
+    if recompute_mlp is False or not kind:
+        return ""
+    for i, block in enumerate(layer_list):
+        mlp = getattr(block, "mlp", None)
+        if not isinstance(mlp, nn.Module):
+            raise ValueError(f"layer {i} ({type(block).__name__}) has no 'mlp' module; pass recompute_mlp=False")
+        gated_mlp.check_gated_mlp(mlp, kind)
+    return kind
 
 
 def _common_prefix(block_names: List[str]) -> str:
@@ -235,6 +269,8 @@ def unpatch(model: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
     registry._detach_hooks()
+    for module in model.modules():
+        gated_mlp.uninstall_gated_mlp(module)
     orig = getattr(registry, "_orig_requires_grad", {})
     for n, p in model.named_parameters():
         if n in orig:

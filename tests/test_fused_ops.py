@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import pyflex
-from pyflex import fuse_model_ops, fused_ops
+from pyflex import fuse_model_ops, fused_ops, gated_mlp
 from pyflex.fused_ops import _interpreter_error, fused_ops_families
 from tiny_models import assert_close, reference_backend, single_thread, tiny_model, tokens  # noqa: F401
 
@@ -137,7 +137,10 @@ def test_composition_either_order(family, order, reference_kernels):
     ref, fused = _pair(family, order, ops)
     mlp_forward = {"gemma2": LigerGEGLUMLP, "phi3": LigerPhi3SwiGLUMLP}.get(family, LigerSwiGLUMLP).forward
     for layer in fused.model.layers:
-        assert layer.mlp.forward.__func__ is mlp_forward
+        # pyflex's memory-light MLP forward (patch_model's recompute_mlp) running liger's fused activation, in
+        # either order; liger's own MLP forward is what unpatch restores
+        assert layer.mlp.forward.__func__ is gated_mlp._gated_forward
+        assert layer.mlp._pyflex_previous_forward.__func__ is mlp_forward
         assert layer.input_layernorm.forward.__func__ is LigerRMSNorm.forward
         projections = ("gate_up_proj", "down_proj") if family == "phi3" else ("gate_proj", "up_proj", "down_proj")
         assert all(isinstance(getattr(layer.mlp, p), pyflex.FlexLinear) for p in projections)
