@@ -13,7 +13,8 @@ Methods (each in a fresh model; memory is freed between them):
     hf_floor     frozen model, no adapters, backward through every layer (the embeddings' output requires grad)
     peft         HF PEFT LoRA, default (fp32 adapters on the bf16 model)
     peft_bf16    HF PEFT LoRA with bf16 adapters (autocast_adapter_dtype=False)
-    pyflex_lora  pyflex.patch_model LoRA
+    pyflex_lora  pyflex.patch_model LoRA (gated-MLP recompute on: the default, see pyflex.gated_mlp)
+    pyflex_lora_norecompute  the same with patch_model(recompute_mlp=False): the MLP keeps what eager keeps
     pyflex_lora_fused  pyflex LoRA + pyflex.fuse_model_ops (liger-kernel RMSNorm, SwiGLU, fused linear CE; CUDA)
     pyflex_tau   pyflex LoRA + PEFT_S τ mask (pyflex.tau_param_groups); reports per-layer sparsity
     ist          pyflex LoRA + ImportanceSchedule (its importance forwards every T_c steps are part of the step time)
@@ -23,12 +24,16 @@ Methods (each in a fresh model; memory is freed between them):
 
 Timing: each step is split into schedule (IST/LIFT ``step(batch)``), forward (including the loss), backward and
 optimizer (``step`` + ``zero_grad``); CUDA events on GPU, ``time.perf_counter`` on CPU. Peak memory:
-``torch.cuda.max_memory_allocated`` over the method (model, adapters, activations, optimizer state) on GPU; on CPU
-the process RSS increase while the method runs (sampled; rough). Writes ``profile.json`` and ``profile.png``.
+``torch.cuda.max_memory_allocated`` over the method (model, adapters, activations, optimizer state) on GPU. On CPU,
+tensor bytes counted exactly: the storages alive at the start of one extra, untimed step (weights, buffers,
+optimizer state) plus the peak of what that step allocates (:class:`pyflex.memory.LiveTensorBytes`); the same
+quantity ``max_memory_allocated`` measures, without the CUDA allocator's rounding, so methods compare as on a GPU.
+Writes ``profile.json`` and ``profile.png``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -59,7 +64,7 @@ SIZES = {
     # CPU smoke test: same shape family, seconds per method on 2 cores
     "tiny": dict(hidden=128, intermediate=344, layers=4, heads=4, kv_heads=2, vocab=512, batch=2, seq=64),
 }
-METHOD_NAMES = ("hf_floor", "peft", "peft_bf16", "pyflex_lora", "pyflex_tau", "ist", "lift_f2e", "lift_e2f", "hlpt",
+METHOD_NAMES = ("hf_floor", "peft", "peft_bf16", "pyflex_lora", "pyflex_lora_norecompute", "pyflex_tau", "ist", "lift_f2e", "lift_e2f", "hlpt",
                 "h2lpt", "pyflex_lora_fused")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -145,6 +150,11 @@ def _patch(model, args, **kwargs):
 def setup_pyflex_lora(model, args) -> Setup:
     _patch(model, args)
     return Setup(model, _adamw(_trainable(model), args))
+
+
+def setup_pyflex_lora_norecompute(model, args) -> Setup:
+    _patch(model, args, recompute_mlp=False)
+    return Setup(model, _adamw(_trainable(model), args), notes="recompute_mlp=False")
 
 
 def setup_pyflex_lora_fused(model, args) -> Setup:
@@ -269,13 +279,52 @@ class PhaseTimer:
         return [1000.0 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
 
 
+def _train_step(model, setup: Setup, batch: dict, timer: Optional["PhaseTimer"] = None) -> torch.Tensor:
+    mark = timer.mark if timer is not None else (lambda: None)
+    mark()
+    if setup.schedule is not None:
+        setup.schedule.step(batch)
+    mark()
+    loss = model(**batch).loss
+    mark()
+    loss.backward()
+    mark()
+    if setup.optimizer is not None:
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+    mark()
+    return loss
+
+
+def _persistent_bytes(model, optimizer) -> int:
+    """Bytes of the distinct storages of weights, buffers, grads and optimizer state (alive between steps)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _cpu_peak_bytes(model, setup: Setup, batch: dict) -> int:
+    """One extra, untimed step on CPU: persistent tensor bytes + the peak that the step allocates."""
+    from pyflex.memory import LiveTensorBytes
+
+    persistent = _persistent_bytes(model, setup.optimizer)
+    with LiveTensorBytes() as live:
+        _train_step(model, setup, batch)
+    return persistent + live.peak
+
+
 def run_method(name: str, args, device: torch.device, dtype: torch.dtype, batch: dict, progress) -> dict:
     from pyflex.demo import PeakMemory
 
     _free(device)
     model = setup = None
     try:
-        with PeakMemory(device) as memory:
+        with PeakMemory(device) if device.type == "cuda" else contextlib.nullcontext() as memory:
             model = build_model(args, device, dtype)
             torch.manual_seed(args.seed)
             setup = SETUPS[name](model, args)
@@ -287,26 +336,20 @@ def run_method(name: str, args, device: torch.device, dtype: torch.dtype, batch:
             losses: List[float] = []
             for step in range(args.warmup + args.steps):
                 timer = PhaseTimer(device)
-                timer.mark()
-                if setup.schedule is not None:
-                    setup.schedule.step(batch)
-                timer.mark()
-                loss = model(**batch).loss
-                timer.mark()
-                loss.backward()
-                timer.mark()
-                if setup.optimizer is not None:
-                    setup.optimizer.step()
-                    setup.optimizer.zero_grad(set_to_none=True)
-                else:
-                    model.zero_grad(set_to_none=True)
-                timer.mark()
+                loss = _train_step(model, setup, batch, timer)
                 phases = dict(zip(PHASES, timer.durations_ms()))
                 phases["step"] = sum(phases.values())
                 steps.append(phases)
                 losses.append(float(loss.detach().float()))
                 progress(name, step + 1, args.warmup + args.steps, phases["step"])
             extras = setup.report() if setup.report is not None else {}
+            if device.type == "cuda":
+                peak_bytes, memory_kind = None, memory.kind
+            else:
+                peak_bytes = _cpu_peak_bytes(model, setup, batch)
+                memory_kind = "tensor bytes (persistent + one step's peak, pyflex.memory.LiveTensorBytes)"
+        if peak_bytes is None:
+            peak_bytes = memory.peak_bytes
         timed = steps[args.warmup:]
         median = {k: statistics.median(s[k] for s in timed) for k in ("step",) + PHASES}
         tokens = args.batch * args.seq
@@ -316,8 +359,8 @@ def run_method(name: str, args, device: torch.device, dtype: torch.dtype, batch:
             "step_ms_mean": statistics.fmean(s["step"] for s in timed),
             "phase_ms_median": {k: median[k] for k in PHASES},
             "tokens_per_s": tokens / (median["step"] / 1000.0),
-            "peak_gib": memory.peak_bytes / 2**30,
-            "memory_kind": memory.kind,
+            "peak_gib": peak_bytes / 2**30,
+            "memory_kind": memory_kind,
             "trainable_params": trainable,
             "losses": losses,
             "loss_finite": all(math.isfinite(v) for v in losses),
@@ -372,21 +415,21 @@ def format_table(payload: dict) -> str:
     results = payload["results"]
     floor = results.get("hf_floor", {}).get("step_ms_median") if results.get("hf_floor", {}).get("status") == "ok" \
         else None
-    mem_unit = "peak GiB" if payload["environment"]["device"].startswith("cuda") else "ΔRSS GiB"
-    head = (f"{'method':<12} {'step ms':>9} {'× floor':>8} {'tokens/s':>10} {mem_unit:>9} {'fwd':>8} {'bwd':>8} "
+    width = max([12] + [len(n) for n in payload["methods"]])
+    head = (f"{'method':<{width}} {'step ms':>9} {'× floor':>8} {'tokens/s':>10} {'peak GiB':>9} {'fwd':>8} {'bwd':>8} "
             f"{'optim':>7} {'sched':>7} {'trainable':>12}  notes")
     lines = [head, "-" * len(head)]
     for name in payload["methods"]:
         r = results[name]
         if r["status"] != "ok":
-            lines.append(f"{name:<12} {r['status'].upper()}: {r['error']}")
+            lines.append(f"{name:<{width}} {r['status'].upper()}: {r['error']}")
             continue
         ph = r["phase_ms_median"]
         ratio = f"{r['step_ms_median'] / floor:.2f}" if floor else "-"
         extra = ""
         if r.get("tau_sparsity_mean") is not None:
             extra = f"; τ sparsity {r['tau_sparsity_mean']:.1%}"
-        lines.append(f"{name:<12} {r['step_ms_median']:>9.2f} {ratio:>8} {r['tokens_per_s']:>10,.0f} "
+        lines.append(f"{name:<{width}} {r['step_ms_median']:>9.2f} {ratio:>8} {r['tokens_per_s']:>10,.0f} "
                      f"{r['peak_gib']:>9.3f} {ph['forward']:>8.2f} {ph['backward']:>8.2f} {ph['optimizer']:>7.2f} "
                      f"{ph['schedule']:>7.2f} {r['trainable_params']:>12,}  {r['notes']}{extra}")
     return "\n".join(lines)
@@ -419,7 +462,7 @@ def plot(payload: dict, path: str) -> None:
     for i, v in enumerate(mem):
         ax_m.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     on_cuda = payload["environment"]["device"].startswith("cuda")
-    ax_m.set(title="peak memory" + (" (cuda max_memory_allocated)" if on_cuda else " (process RSS increase, rough)"),
+    ax_m.set(title="peak memory" + (" (cuda max_memory_allocated)" if on_cuda else " (tensor bytes)"),
              ylabel="GiB")
     for ax in (ax_t, ax_m):
         ax.tick_params(axis="x", rotation=35)

@@ -418,6 +418,22 @@ def _rank_reduce_kernel(p_ptr, q_ptr, mask_ptr, out_ptr, M, D, rows_per_split,
     tl.store(out_ptr + pid_s.to(tl.int64) * RP * D + rr[:, None] * D + cols[None, :], acc, mask=cmask[None, :])
 
 
+@triton.jit(do_not_specialize=["M"])
+def _tau_grad_kernel(uz_ptr, c_ptr, mask_ptr, out_ptr, M, lam, BLOCK: tl.constexpr):
+    """out[0] = −g, g = Σ_i 1[(μ_i ≥ 0) == m_i]·μ_i + λ·Σ_i m_i with μ_i = c_i·uz_i (PEFT_S eq. 10, 14-17).
+    One program: M is a token count, so this is one short loop, and one launch instead of a chain of small ops."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    count = tl.zeros((BLOCK,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK):
+        offs = m0 + tl.arange(0, BLOCK)
+        valid = offs < M
+        mu = tl.load(uz_ptr + offs, mask=valid, other=0.0) * tl.load(c_ptr + offs, mask=valid, other=0.0)
+        m = (tl.load(mask_ptr + offs, mask=valid, other=0) != 0) & valid
+        acc += tl.where(((mu >= 0) == m) & valid, mu, 0.0)
+        count += tl.where(m, 1.0, 0.0)
+    tl.store(out_ptr, -(tl.sum(acc, axis=0) + lam * tl.sum(count, axis=0)))
+
+
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
@@ -634,3 +650,15 @@ def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
         dA = _rank_reduce(v, x_lora, mask_i8, R).to(adapter_dtype)
         dB = _rank_reduce(w, gy, mask_i8, R).t().to(lora_B.dtype)
     return BackwardResult(dx, dweight, dbias, dA, dB, uz)
+
+
+def tau_gradient(uz: torch.Tensor, cscale: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """Same contract as :func:`pyflex.reference.tau_gradient`: uz, cscale (M,) float, mask (M,) bool → 0-dim fp32
+    (float64 inputs use the reference)."""
+    if uz.dtype == torch.float64 or cscale.dtype == torch.float64:
+        return reference.tau_gradient(uz, cscale, mask, lam)
+    M = uz.shape[0]
+    out = torch.empty((), dtype=torch.float32, device=uz.device)
+    _tau_grad_kernel[(1,)](uz.to(torch.float32).contiguous(), cscale.to(torch.float32).contiguous(),
+                           mask.contiguous().view(torch.int8), out, M, float(lam), BLOCK=1024, num_warps=4)
+    return out

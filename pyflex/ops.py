@@ -199,6 +199,11 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropou
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
+def _tau_gradient(backend, uz, cscale, mask, lam):
+    """The τ surrogate gradient from the backend when it has one (Triton: one launch), else the reference."""
+    return getattr(backend, "tau_gradient", reference.tau_gradient)(uz, cscale, mask, lam)
+
+
 class FlexLoraFunction(torch.autograd.Function):
     """Inputs are flattened: x (M, K), coef (M,) or None, dropout_scale (M, K) or None."""
 
@@ -253,7 +258,7 @@ class FlexLoraFunction(torch.autograd.Function):
             dcoef = (mask.to(uz.dtype) * uz * ctx.scale).to(ctx.coef_dtype)
         if ctx.tau_meta is not None and ctx.needs_input_grad[6]:
             shape, dtype, device = ctx.tau_meta
-            dtau = reference.tau_gradient(uz, cscale, mask, ctx.lam).reshape(shape).to(dtype=dtype, device=device)
+            dtau = _tau_gradient(backend, uz, cscale, mask, ctx.lam).reshape(shape).to(dtype=dtype, device=device)
         return dx, dweight, dbias, dA, dB, dcoef, dtau, None, None, None, None, None
 
 
@@ -349,6 +354,7 @@ def _compiled_backward(ctx, gy, _gz, _gmask):
     dcscale = (mask.to(uz.dtype) * uz) if needs[5] else None      # ∂y_i/∂cscale_i = m_i·B z_i
     dtau = None
     if ctx.has_tau and needs[6]:
+        # plain torch here: AOT autograd traces this backward, and inductor fuses these few elementwise ops
         dtau = reference.tau_gradient(uz, cscale, mask, ctx.lam).reshape(tau.shape).to(tau.dtype)
     return (dx if needs[0] else None, dweight if needs[1] else None, dbias if ctx.flags["need_dbias"] else None,
             dA if needs[3] else None, dB if needs[4] else None, dcscale, dtau, None, None, None)

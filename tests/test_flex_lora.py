@@ -118,6 +118,16 @@ def dense_spec(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, l
     return out
 
 
+def randn(*shape, dtype=None):
+    """torch.randn drawn on CPU, then moved to the default device: the same test data with and without a GPU
+    (the CUDA generator gives other numbers for the same seed)."""
+    return torch.randn(*shape, dtype=dtype, device="cpu").to(torch.get_default_device())
+
+
+def rand(*shape, dtype=None):
+    return torch.rand(*shape, dtype=dtype, device="cpu").to(torch.get_default_device())
+
+
 def pick_tau(ratio, min_rel_gap):
     """A τ between two neighbouring ratios in the middle of the distribution, at least ``min_rel_gap`` (relative)
     from every ratio, so that rounding cannot flip any mask."""
@@ -179,8 +189,8 @@ def test_matches_dense_spec(backend, dtype, masked, variant):
     M, K, N, r, scale, lam = 33, 47, 29, 8, 0.7, 1e-3
     with_bias = variant == "bias_coef"
     x, w, b, A, B = make_inputs(M, K, N, r, dtype, bias=with_bias, seed=1)
-    coef = torch.rand(M, dtype=dtype) + 0.25 if with_bias else None
-    gy = torch.randn(M, N, dtype=dtype)
+    coef = rand(M, dtype=dtype) + 0.25 if with_bias else None
+    gy = randn(M, N, dtype=dtype)
     tau = None
     if masked:
         probe = dense_spec(x, w, b, A, B, scale, coef=coef)
@@ -214,7 +224,7 @@ def test_matches_dense_spec(backend, dtype, masked, variant):
 def test_odd_shapes_and_ranks(backend, M, K, N, r):
     dtype, scale = torch.float32, 1.3
     x, w, b, A, B = make_inputs(M, K, N, r, dtype, seed=M + r)
-    gy = torch.randn(M, N, dtype=dtype)
+    gy = randn(M, N, dtype=dtype)
     probe = dense_spec(x, w, b, A, B, scale)
     # With one token there is no gap to sit in: put τ below its ratio.
     tau = pick_tau(probe["ratio"], 1e-3) if M >= 4 else 0.5 * probe["ratio"].min().item()
@@ -230,7 +240,7 @@ def test_odd_shapes_and_ranks(backend, M, K, N, r):
 def test_fp64(backend):
     M, K, N, r, scale = 20, 13, 11, 4, 0.9
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float64, seed=3)
-    gy = torch.randn(M, N, dtype=torch.float64)
+    gy = randn(M, N, dtype=torch.float64)
     tau = pick_tau(dense_spec(x, w, b, A, B, scale)["ratio"], 1e-6)
     want = dense_spec(x, w, b, A, B, scale, tau=tau, gy=gy)
     y, mask, got = run_op(x, w, b, A, B, scale, gy, tau=tau)
@@ -251,7 +261,7 @@ def test_masks_that_flip_near_tau(backend, dtype):
     x[6] = x[5] * 2
     probe = dense_spec(x, w, b, A, B, scale)
     tau = probe["ratio"][5].item()
-    gy = torch.randn(M, N, dtype=dtype)
+    gy = randn(M, N, dtype=dtype)
     want = dense_spec(x, w, b, A, B, scale, tau=tau, gy=gy)
     y, mask, got = run_op(x, w, b, A, B, scale, gy, tau=tau)
     near = (want["ratio"] - tau).abs() < MASK_TOL[dtype] * tau
@@ -274,7 +284,7 @@ def test_mask_off_equals_plain_lora(backend):
     leaves = [t.clone().requires_grad_(True) for t in (x, b, A, B)]
     xe, be, Ae, Be = leaves
     y_eager = F.linear(xe, w, be) + scale * (xe @ Ae.t()) @ Be.t()
-    gy = torch.randn_like(y_eager)
+    gy = randn(*y_eager.shape, dtype=y_eager.dtype)
     (y_eager * gy).sum().backward()
     y, mask, got = run_op(x, w, b, A, B, scale, gy)
     assert bool(mask.all())
@@ -304,17 +314,17 @@ def test_empty_batch(backend):
 def test_3d_and_noncontiguous_x(backend):
     B_, T, K, N, r, scale = 3, 5, 10, 9, 4, 0.8
     _, w, b, A, B = make_inputs(1, K, N, r, torch.float32, seed=5)
-    base = torch.randn(T, B_, 2 * K)
+    base = randn(T, B_, 2 * K)
     variants = {
-        "3d": torch.randn(B_, T, K),
+        "3d": randn(B_, T, K),
         "transposed": base[..., :K].transpose(0, 1),           # (B_, T, K), not contiguous
         "strided": base[..., ::2].transpose(0, 1),             # every other feature
-        "2d_t": torch.randn(K, B_ * T).t(),                    # column-major 2-D
+        "2d_t": randn(K, B_ * T).t(),                    # column-major 2-D
     }
     for name, x in variants.items():
         if name != "3d":
             assert not x.is_contiguous()
-        gy = torch.randn(*x.shape[:-1], N)
+        gy = randn(*x.shape[:-1], N)
         probe = dense_spec(x, w, b, A, B, scale)
         tau = pick_tau(probe["ratio"], 1e-3)
         want = dense_spec(x, w, b, A, B, scale, tau=tau, gy=gy)
@@ -334,7 +344,7 @@ def test_noncontiguous_parameters(backend):
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=14)
     w_t, A_t, B_t = w.t().contiguous().t(), A.t().contiguous().t(), B.t().contiguous().t()
     assert not (w_t.is_contiguous() or A_t.is_contiguous() or B_t.is_contiguous())
-    gy = torch.randn(M, N)
+    gy = randn(M, N)
     tau = pick_tau(dense_spec(x, w, b, A, B, scale)["ratio"], 1e-3)
     want = dense_spec(x, w, b, A, B, scale, tau=tau, gy=gy)
     xs = x.clone().requires_grad_(True)
@@ -349,7 +359,7 @@ def test_noncontiguous_parameters(backend):
 def test_all_tokens_masked(backend):
     M, K, N, r = 14, 9, 8, 3
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=15)
-    gy = torch.randn(M, N)
+    gy = randn(M, N)
     y, mask, got = run_op(x, w, b, A, B, 1.0, gy, tau=1e4)
     assert not mask.any()
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
@@ -367,7 +377,7 @@ def test_zero_base_output_rows(backend):
     x[1] = 0.0
     x[1, :2] = torch.tensor([1.0, -2.0])  # y0 = 0, d ≠ 0
     tau = 1e-3
-    gy = torch.randn(M, N)
+    gy = randn(M, N)
     want = dense_spec(x, w, None, A, B, scale, tau=tau, gy=gy)
     assert want["y0"][0].abs().max() == 0 and want["y0"][1].abs().max() == 0
     y, mask, got = run_op(x, w, None, A, B, scale, gy, tau=tau)
@@ -429,7 +439,7 @@ def test_tau_ignores_harmful_masked_and_helpful_applied(backend):
 def test_masked_tokens_do_not_affect_adapter_grads(backend):
     M, K, N, r, scale = 30, 16, 12, 4, 1.0
     x, w, _, A, B = make_inputs(M, K, N, r, torch.float32, seed=4)
-    gy = torch.randn(M, N)
+    gy = randn(M, N)
     tau = pick_tau(dense_spec(x, w, None, A, B, scale)["ratio"], 1e-3)
     _, mask, got = run_op(x, w, None, A, B, scale, gy, tau=tau)
     masked = ~mask
@@ -468,7 +478,7 @@ def test_tau_adam_follows_peft_s_eq_18_22(backend):
     alpha_s, (b1, b2), eps = pyflex.tau.TAU_ALPHA * pyflex.tau.TAU_S, pyflex.tau.TAU_BETAS, pyflex.tau.TAU_EPS
     tau_hand, m, v = float(tau0), 0.0, 0.0
     for k in range(1, 6):
-        gy = torch.randn(M, N) * (1.0 if k % 2 else -3.0)
+        gy = randn(M, N) * (1.0 if k % 2 else -3.0)
         want = dense_spec(x, layer.weight, None, layer.lora_A, layer.lora_B, scale, tau=tau_hand, lam=lam, gy=gy)
         g = -want["dtau"].item()                                   # eq. 17
         m = b1 * m + (1 - b1) * g                                  # eq. 18
@@ -549,8 +559,8 @@ def test_tau_and_gate_train_with_frozen_adapter_and_x(backend, with_coef):
     """Only u·z is needed (τ and/or the HLPT gate train; adapter, base and x are frozen)."""
     M, K, N, r, scale, lam = 25, 11, 9, 4, 0.6, 1e-2
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=13)
-    coef = torch.rand(M) + 0.5 if with_coef else None
-    gy = torch.randn(M, N)
+    coef = rand(M) + 0.5 if with_coef else None
+    gy = randn(M, N)
     tau = pick_tau(dense_spec(x, w, b, A, B, scale, coef=coef)["ratio"], 1e-3)
     want = dense_spec(x, w, b, A, B, scale, tau=tau, coef=coef, lam=lam, gy=gy)
     y, mask, got = run_op(x, w, b, A, B, scale, gy, tau=tau, coef=coef, lam=lam, grad_x=False, grad_bias=False,
@@ -566,7 +576,7 @@ def test_tau_and_gate_train_with_frozen_adapter_and_x(backend, with_coef):
 def test_weight_and_bias_grads(backend):
     M, K, N, r = 15, 9, 7, 2
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=8)
-    gy = torch.randn(M, N)
+    gy = randn(M, N)
     _, _, got = run_op(x, w, b, A, B, 1.0, gy, tau=0.2, grad_weight=True, grad_adapter=False)
     torch.testing.assert_close(got["dweight"], gy.t() @ x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["dbias"], gy.sum(0), rtol=1e-5, atol=1e-5)
@@ -580,7 +590,7 @@ def test_weight_and_bias_grads(backend):
 def test_dropout_matches_manual_reference(backend, masked):
     M, K, N, r, scale, p = 26, 14, 10, 4, 1.5, 0.3
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, seed=12)
-    gy = torch.randn(M, N)
+    gy = randn(M, N)
     torch.manual_seed(1234)
     keep = torch.rand_like(x, dtype=torch.float32) >= p   # the RNG call the op makes
     multiplier = keep.float() / (1 - p)
@@ -606,7 +616,7 @@ def test_dropout_matches_manual_reference(backend, masked):
 def _gradcheck_inputs(seed=0):
     M, K, N, r = 6, 5, 4, 2
     x, w, b, A, B = make_inputs(M, K, N, r, torch.float64, seed=seed)
-    coef = torch.rand(M, dtype=torch.float64) + 0.5
+    coef = rand(M, dtype=torch.float64) + 0.5
     ratio = dense_spec(x, w, b, A, B, 0.9, coef=coef)["ratio"]
     tau = pick_tau(ratio, 1e-2)  # far from every ratio: finite differences cannot flip a mask
     return [t.clone().requires_grad_(True) for t in (x, w, b, A, B, coef)], tau

@@ -24,7 +24,7 @@ def _load():
 def profile_run(tmp_path_factory):
     module = _load()
     out = tmp_path_factory.mktemp("profile")
-    methods = ["hf_floor", "pyflex_lora", "pyflex_tau", "peft"]
+    methods = ["hf_floor", "pyflex_lora", "pyflex_lora_norecompute", "pyflex_tau", "peft"]
     status = module.main(["--size", "tiny", "--device", "cpu", "--layers", "2", "--hidden", "64", "--intermediate",
                           "128", "--seq", "32", "--steps", "2", "--warmup", "1", "--methods", ",".join(methods),
                           "--out", str(out)])
@@ -45,10 +45,16 @@ def test_profile_runs(profile_run):
         assert r["phase_ms_median"]["forward"] > 0 and r["phase_ms_median"]["backward"] > 0
         assert len(r["step_ms_all"]) == 3
         assert r["loss_finite"] and all(math.isfinite(v) for v in r["losses"])
-        assert r["peak_gib"] >= 0
+        assert r["peak_gib"] > 0 and r["memory_kind"].startswith("tensor bytes")
     assert payload["results"]["hf_floor"]["trainable_params"] == 0
     assert payload["results"]["pyflex_lora"]["trainable_params"] == payload["results"]["peft"]["trainable_params"] > 0
     assert set(payload["results"]["pyflex_tau"]["tau_sparsity_per_layer"]) == {"0", "1"}
+    # CPU memory is counted exactly: the gated-MLP recompute keeps 2 (tokens × intermediate) fp32 tensors less per
+    # layer (2 layers, batch 2 × 32 tokens, intermediate 128), and the floor holds no adapter state at all
+    peak = {name: payload["results"][name]["peak_gib"] * 2**30 for name in methods}
+    saved = 2 * 2 * (2 * 32) * 128 * 4
+    assert peak["pyflex_lora_norecompute"] - peak["pyflex_lora"] == pytest.approx(saved, rel=0.05)
+    assert peak["hf_floor"] < peak["pyflex_lora_norecompute"]
     assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG"
 
 

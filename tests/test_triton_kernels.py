@@ -356,3 +356,19 @@ def test_tau_as_device_tensor_matches_float():
         assert 0 < int(as_tensor.mask.sum()) < rows  # τ splits the tokens, so the comparison means something
         assert torch.equal(as_float.mask, as_tensor.mask)
         assert torch.equal(as_float.y, as_tensor.y)
+
+
+@pytest.mark.parametrize("M", [0, 1, 7, 1024, 3000])
+@pytest.mark.parametrize("lam", [0.0, 0.25])
+def test_tau_gradient_kernel_matches_reference(M, lam):
+    """One-launch τ surrogate gradient (eq. 10, 14-17) against the reference, incl. M not a multiple of the block,
+    several blocks, negative per-token scales and all four (sign of μ, mask) cases."""
+    g = torch.Generator().manual_seed(M)
+    uz = torch.randn(M, generator=g).to(DEVICE)
+    cscale = (torch.rand(M, generator=g) * 2 - 0.5).to(DEVICE)
+    mask = (torch.rand(M, generator=g) > 0.4).to(DEVICE)
+    got = fl.tau_gradient(uz, cscale, mask, lam)
+    want = reference.tau_gradient(uz.double(), cscale.double(), mask, lam)
+    assert got.shape == () and got.dtype == torch.float32
+    scale = (uz.double() * cscale.double()).abs().sum().item() + lam * M + 1e-12
+    assert abs(got.item() - want.item()) <= 1e-6 * scale, (got.item(), want.item())
