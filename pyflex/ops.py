@@ -204,20 +204,25 @@ def _tau_gradient(backend, uz, cscale, mask, lam):
     return getattr(backend, "tau_gradient", reference.tau_gradient)(uz, cscale, mask, lam)
 
 
+def _run_forward(backend, x, weight, bias, lora_A, lora_B, coef, tau_value, scale, dropout_scale):
+    """cscale = scale·coef (M,) in the compute dtype, x̃ = x·dropout_scale, and the backend's forward."""
+    cdt = reference.compute_dtype(x.dtype)
+    if coef is None:
+        cscale = torch.full((x.shape[0],), float(scale), dtype=cdt, device=x.device)
+    else:
+        cscale = coef.detach().to(cdt) * float(scale)
+    x_lora = x if dropout_scale is None else x * dropout_scale
+    return backend.lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau_value), cscale, x_lora
+
+
 class FlexLoraFunction(torch.autograd.Function):
-    """Inputs are flattened: x (M, K), coef (M,) or None, dropout_scale (M, K) or None."""
+    """Inputs are flattened: x (M, K), coef (M,) or None, dropout_scale (M, K) or None; ``backend`` is the module
+    :func:`resolve_backend` returned for x's device (resolved once per call)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, tau, tau_value, scale, lam, dropout_scale,
-                backend_name):
-        _, backend = resolve_backend(x.device, backend_name)
-        cdt = reference.compute_dtype(x.dtype)
-        if coef is None:
-            cscale = torch.full((x.shape[0],), float(scale), dtype=cdt, device=x.device)
-        else:
-            cscale = coef.detach().to(cdt) * float(scale)
-        x_lora = x if dropout_scale is None else x * dropout_scale
-        result = backend.lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau_value)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, tau, tau_value, scale, lam, dropout_scale, backend):
+        result, cscale, x_lora = _run_forward(backend, x, weight, bias, lora_A, lora_B, coef, tau_value, scale,
+                                              dropout_scale)
         y, z, mask = result[0], result[1], result[3]
 
         needs = ctx.needs_input_grad
@@ -237,7 +242,7 @@ class FlexLoraFunction(torch.autograd.Function):
         )
         ctx.flags = dict(need_dx=needs[0], need_dweight=needs[1], need_dbias=bias is not None and needs[2],
                          need_adapter=need_adapter, need_uz=need_uz)
-        ctx.scale, ctx.lam, ctx.backend_name = float(scale), float(lam), backend_name
+        ctx.scale, ctx.lam, ctx.backend = float(scale), float(lam), backend
         ctx.coef_dtype = None if coef is None else coef.dtype
         ctx.tau_meta = None if tau is None else (tau.shape, tau.dtype, tau.device)
         ctx.mark_non_differentiable(mask)
@@ -249,7 +254,7 @@ class FlexLoraFunction(torch.autograd.Function):
         flags = ctx.flags
         if x_lora is None and flags["need_adapter"]:
             x_lora = x
-        _, backend = resolve_backend(gy.device, ctx.backend_name)
+        backend = ctx.backend
         res = backend.lora_backward(gy.contiguous(), x, weight, lora_A, lora_B, x_lora, z, cscale, mask,
                                     dropout_scale=dropout_scale, **flags)
         dx, dweight, dbias, dA, dB, uz = res
@@ -416,12 +421,18 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
         y, mask = _compiled_flex_lora(x2, weight, bias, lora_A, lora_B, coef2, tau, scale, lam, dropout_scale,
                                       _backend_name_for(x.device))
     else:
-        backend_name, _ = resolve_backend(x.device)
+        backend_name, backend = resolve_backend(x.device)
         # On CUDA the kernels read τ on the device; its finiteness is checked once per change of τ (verify_taus),
         # not once per call, since a host read is a device sync.
         tau_value = _host_tau(tau, x.device, backend_name)
-        y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, tau_value, float(scale),
-                                         float(lam), dropout_scale, backend_name)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x2, weight, bias, lora_A, lora_B, coef2, tau)):
+            y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, tau_value, float(scale),
+                                             float(lam), dropout_scale, backend)
+        else:  # inference (generate, decode): the same forward without autograd.Function's per-call cost
+            result = _run_forward(backend, x2, weight, bias, lora_A, lora_B, coef2, tau_value, scale,
+                                  dropout_scale)[0]
+            y, mask = result[0], result[3]
     y = y.reshape(*lead, weight.shape[0])
     if return_mask:
         return y, mask.reshape(lead)
