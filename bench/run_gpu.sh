@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the Triton kernels: make pyflex.kernels importable, run the GPU tests, then the
-# microbenchmarks. Everything it reports goes under $OUT (default runs/gpu).
+# One-shot GPU check: make pyflex.kernels importable, run the GPU tests, the op microbenchmarks, then the
+# whole-step profile of bench/profile_model.py. Everything it reports goes under $OUT (default runs/gpu).
 #
 #   OUT=/tmp/gpu bash bench/run_gpu.sh            # full benchmark
 #   OUT=/tmp/gpu bash bench/run_gpu.sh --quick    # one training shape, r=16
 #   OUT=/tmp/gpu bash bench/run_gpu.sh --sweep    # block-size sweep of the Triton kernels
 #   PYFLEX_GPU_INSTALL=1 ...                      # pip install -e . (builds the C++ extension too)
-#   PYFLEX_SKIP_TESTS=1 / PYFLEX_SKIP_BENCH=1     # skip a stage
+#   PYFLEX_SKIP_TESTS=1 / PYFLEX_SKIP_BENCH=1 / PYFLEX_SKIP_PROFILE=1   # skip a stage
+#   PYFLEX_PROFILE_METHODS=hf_floor,pyflex_lora   # methods of the profile stage (default below)
+# Wheels in .whl/ (e.g. liger-kernel for pyflex_lora_fused on a machine without network) are installed first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -25,6 +27,10 @@ if [ "${PYFLEX_GPU_INSTALL:-0}" = "1" ]; then
   pip install --no-build-isolation --no-deps -e . > "$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl > /dev/null 2>&1; then
+  pip install --no-index --no-deps --target /tmp/pyflex_site .whl/*.whl > "$OUT/pip_whl.log" 2>&1 \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/pyflex_site" || echo "installing .whl/ failed (see pip_whl.log)"
+fi
 python -c "import pyflex.kernels.flex_lora as f; print('kernels at', f.__file__)" | tee -a "$OUT/env.txt"
 
 status=0
@@ -37,10 +43,19 @@ if [ "${PYFLEX_SKIP_TESTS:-0}" != "1" ]; then
     timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/test_flex_lora.py -k triton -q $xdist \
       -p no:cacheprovider >> "$OUT/tests.txt" 2>&1 || status=$?
   fi
+  # GPU-only model-level checks: liger composition numerics, gated-MLP recompute, patched models on CUDA
+  timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/test_fused_ops.py tests/test_gated_mlp.py -q \
+    -p no:cacheprovider >> "$OUT/tests.txt" 2>&1 || status=$?
   grep -E "passed|failed|FAILED|Error" "$OUT/tests.txt" | tail -25
 fi
 if [ "${PYFLEX_SKIP_BENCH:-0}" != "1" ]; then
   python bench/bench_gpu_flex_lora.py --out "$OUT/bench.json" "$@" 2> "$OUT/bench.err" | tee "$OUT/bench.txt"
   tail -5 "$OUT/bench.err"
+fi
+if [ "${PYFLEX_SKIP_PROFILE:-0}" != "1" ]; then
+  methods=${PYFLEX_PROFILE_METHODS:-hf_floor,pyflex_lora,pyflex_lora_norecompute,pyflex_tau,pyflex_lora_fused,peft_bf16,ist}
+  python bench/profile_model.py --methods "$methods" --warmup 2 --steps 6 --out "$OUT/profile" \
+    > "$OUT/profile.txt" 2> "$OUT/profile.err" || status=$?
+  tail -14 "$OUT/profile.txt"; tail -3 "$OUT/profile.err"
 fi
 exit $status

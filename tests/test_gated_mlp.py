@@ -209,3 +209,30 @@ def test_install_on_a_module_that_is_not_gated():
         gated_mlp.install_gated_mlp(nn.Linear(4, 4), "split")
     with pytest.raises(ValueError, match="kind='swiglu' is not a gated MLP kind"):
         gated_mlp.install_gated_mlp(nn.Linear(4, 4), "swiglu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels compiled, bf16)")
+def test_recompute_mlp_on_cuda_bf16():
+    """Same bits with and without recompute on the GPU path (Triton op, bf16), and max_memory_allocated after the
+    forward drops by the two (tokens × intermediate) tensors per layer."""
+    results = []
+    for recompute in (False, True):
+        model = tiny_model("llama", layers=2).to("cuda", torch.bfloat16).train()
+        torch.manual_seed(7)
+        with pyflex.use_backend("triton"):
+            pyflex.patch_model(model, r=4, alpha=8, recompute_mlp=recompute)
+            randomize_flex(model)
+            ids = tokens(batch=4, seq=64).cuda()
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            out = model(input_ids=ids, labels=ids)
+            kept = torch.cuda.memory_allocated() - before
+            out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.logits.detach(), grads, kept))
+    (l0, g0, kept0), (l1, g1, kept1) = results
+    assert torch.equal(l0, l1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+    expected = 2 * 2 * (4 * 64) * model.config.intermediate_size * 2
+    assert kept0 - kept1 >= 0.9 * expected, (kept0, kept1, expected)
