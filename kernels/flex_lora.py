@@ -134,6 +134,26 @@ def _dot_f32_lhs(p, q, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _acc_x_wt(acc, x_ptr, rows, rmask, s_xm, s_xk, w_ptr, cols, cmask, s_wc, s_wk, k_lo, k_hi, K,
+              BK: tl.constexpr, UPCAST: tl.constexpr, XPREC: tl.constexpr):
+    """acc + x[rows, k_lo:k_hi] · W[cols, k_lo:k_hi]ᵀ with fp32 accumulation; W is read through its strides (s_wc per
+    column of the result, s_wk along K). The one skinny-GEMM loop of the forward kernels: z = x̃ Aᵀ (W = A) and the
+    decode path's y0 block (W = W0). ``rows``/``cols`` come in the index type the caller needs (int64 for big M)."""
+    for k0 in range(k_lo, k_hi, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K
+        xt = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[None, :] * s_wc + ks[:, None] * s_wk,
+                     mask=cmask[None, :] & kmask[:, None], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=XPREC)
+    return acc
+
+
 # ------------------------------------------------------------------------------------------------
 # forward: rows pass after the cuBLAS y0
 # ------------------------------------------------------------------------------------------------
@@ -152,18 +172,8 @@ def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr
     rows64 = rows.to(tl.int64)
 
     # z = x̃ Aᵀ, fp32 accumulation
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < K
-        xt = tl.load(xl_ptr + rows64[:, None] * s_xm + ks[None, :] * s_xk,
-                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        at = tl.load(a_ptr + rr[None, :] * s_ar + ks[:, None] * s_ak,
-                     mask=rrmask[None, :] & kmask[:, None], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            at = at.to(tl.float32)
-        acc = tl.dot(xt, at, acc, input_precision=XPREC)
+    acc = _acc_x_wt(tl.zeros((BM, RP), dtype=tl.float32), xl_ptr, rows64, rmask, s_xm, s_xk,
+                    a_ptr, rr, rrmask, s_ar, s_ak, 0, K, K, BK, UPCAST, XPREC)
     tl.store(z_ptr + rows64[:, None] * R + rr[None, :], acc, mask=rmask[:, None] & rrmask[None, :])
 
     c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
@@ -227,18 +237,8 @@ def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, zp
     if pid < n_wblk:
         cols = pid * BN + tl.arange(0, BN)
         cmask = cols < N
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < K
-            xt = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
-                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wt = tl.load(w_ptr + cols[None, :].to(tl.int64) * s_wn + ks[:, None] * s_wk,
-                         mask=cmask[None, :] & kmask[:, None], other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=XPREC)
+        acc = _acc_x_wt(tl.zeros((BM, BN), dtype=tl.float32), x_ptr, rows, rmask, s_xm, s_xk,
+                        w_ptr, cols.to(tl.int64), cmask, s_wn, s_wk, 0, K, K, BK, UPCAST, XPREC)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         yv = _to_out(acc, y_ptr.dtype.element_ty, RTNE_BF16)
@@ -250,18 +250,8 @@ def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, zp
             tl.store(sqp_ptr + pid * BM + rows, tl.sum(yf * yf, axis=1))
     elif pid < n_wblk + NZ:
         j = pid - n_wblk
-        acc = tl.zeros((BM, RP), dtype=tl.float32)
-        for k0 in range(j * KZ, tl.minimum(j * KZ + KZ, K), BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < K
-            xt = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
-                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            at = tl.load(a_ptr + rr[None, :] * s_ar + ks[:, None] * s_ak,
-                         mask=rrmask[None, :] & kmask[:, None], other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                at = at.to(tl.float32)
-            acc = tl.dot(xt, at, acc, input_precision=XPREC)
+        acc = _acc_x_wt(tl.zeros((BM, RP), dtype=tl.float32), x_ptr, rows, rmask, s_xm, s_xk,
+                        a_ptr, rr, rrmask, s_ar, s_ak, j * KZ, tl.minimum(j * KZ + KZ, K), K, BK, UPCAST, XPREC)
         tl.store(zp_ptr + j * BM * RP + rows[:, None] * RP + rr[None, :], acc)
     else:
         if HAS_TAU:
