@@ -298,33 +298,13 @@ def _train_step(model, setup: Setup, batch: dict, timer: Optional["PhaseTimer"] 
     return loss
 
 
-def _persistent_bytes(model, optimizer) -> int:
-    """Bytes of the distinct storages of weights, buffers, grads and optimizer state (alive between steps)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    if optimizer is not None:
-        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def _cpu_peak_bytes(model, setup: Setup, batch: dict) -> int:
-    """One extra, untimed step on CPU: persistent tensor bytes + the peak that the step allocates."""
-    from pyflex.memory import LiveTensorBytes
-
-    persistent = _persistent_bytes(model, setup.optimizer)
-    with LiveTensorBytes() as live:
-        _train_step(model, setup, batch)
-    return persistent + live.peak
-
-
 def run_method(name: str, args, device: torch.device, dtype: torch.dtype, batch: dict, progress) -> dict:
-    from pyflex.demo import PeakMemory
+    from pyflex.memory import CudaPeakMemory, step_peak_bytes
 
     _free(device)
     model = setup = None
     try:
-        with PeakMemory(device) if device.type == "cuda" else contextlib.nullcontext() as memory:
+        with CudaPeakMemory(device) if device.type == "cuda" else contextlib.nullcontext() as memory:
             model = build_model(args, device, dtype)
             torch.manual_seed(args.seed)
             setup = SETUPS[name](model, args)
@@ -343,13 +323,11 @@ def run_method(name: str, args, device: torch.device, dtype: torch.dtype, batch:
                 losses.append(float(loss.detach().float()))
                 progress(name, step + 1, args.warmup + args.steps, phases["step"])
             extras = setup.report() if setup.report is not None else {}
-            if device.type == "cuda":
-                peak_bytes, memory_kind = None, memory.kind
-            else:
-                peak_bytes = _cpu_peak_bytes(model, setup, batch)
+            if memory is None:  # CPU: one extra, untimed step counted exactly
+                peak_bytes = step_peak_bytes(model, setup.optimizer, lambda: _train_step(model, setup, batch))
                 memory_kind = "tensor bytes (persistent + one step's peak, pyflex.memory.LiveTensorBytes)"
-        if peak_bytes is None:
-            peak_bytes = memory.peak_bytes
+        if memory is not None:
+            peak_bytes, memory_kind = memory.peak_bytes, memory.kind
         timed = steps[args.warmup:]
         median = {k: statistics.median(s[k] for s in timed) for k in ("step",) + PHASES}
         tokens = args.batch * args.seq

@@ -27,6 +27,7 @@ A method that fails is reported as FAILED in the table and makes the command exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +35,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -46,7 +46,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-__all__ = ["DemoConfig", "METHODS", "PeakMemory", "main", "run_demo"]
+from .memory import CudaPeakMemory, step_peak_bytes  # noqa: E402
+
+__all__ = ["DemoConfig", "METHODS", "main", "run_demo"]
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -140,58 +142,11 @@ def build_model(cfg: DemoConfig, device) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------------
 # memory
 # --------------------------------------------------------------------------------------------------
-def _rss_bytes() -> int:
-    """Resident set size of this process, from /proc (Linux); 0 where unavailable."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+CPU_MEMORY_KIND = "tensor bytes: weights, grads, optimizer state + one forward/backward's peak (pyflex.memory)"
 
 
-class PeakMemory:
-    """Peak memory of a ``with`` block.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` (peak of live tensors, reset on entry), reported as the peak.
-    CPU: the process RSS, sampled every ``interval`` s by a thread; reported as the peak *increase* over the RSS on
-    entry (the process itself — Python, torch, the pre-trained model — is not counted). The CPU allocator keeps
-    freed pages, so an earlier method can hide part of a later one's growth: compare CPU figures loosely.
-    """
-
-    def __init__(self, device: torch.device, interval: float = 0.002):
-        self.device, self.interval = torch.device(device), interval
-        self.kind = "cuda max_memory_allocated" if self.device.type == "cuda" else "process RSS increase"
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._start = self._peak = _rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, _rss_bytes())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, _rss_bytes())
-            self.peak_bytes = max(0, self._peak - self._start)
-        return False
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / 2**20
+def memory_kind(device: torch.device) -> str:
+    return CudaPeakMemory.kind if torch.device(device).type == "cuda" else CPU_MEMORY_KIND
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,7 +438,7 @@ def run_demo(cfg: DemoConfig, methods: List[str], out_dir: str, log: Callable[[s
         results[name] = _run_method(name, cfg, device, pretrained_state, train_batches, eval_batches, log)
 
     payload = {"config": asdict(cfg), "environment": env, "methods": methods,
-               "memory_kind": PeakMemory(device).kind, "pretrain": pretrain, "results": results,
+               "memory_kind": memory_kind(device), "pretrain": pretrain, "results": results,
                "total_seconds": time.perf_counter() - started}
     json_path = os.path.join(out_dir, "results.json")
     png_path = os.path.join(out_dir, "loss_curves.png")
@@ -508,12 +463,19 @@ def _run_method(name, cfg, device, pretrained_state, train_batches, eval_batches
     model = build_model(cfg, device)
     model.load_state_dict(pretrained_state)
     try:
-        with PeakMemory(device) as memory:
+        with CudaPeakMemory(device) if device.type == "cuda" else contextlib.nullcontext() as memory:
             torch.manual_seed(cfg.seed)  # the same adapter initialisation draws for every method
             setup = METHODS[name](model, cfg)
             trainable = _count(p for g in setup.optimizer.param_groups for p in g["params"])
             record = train(setup, train_batches, eval_batches, cfg, device, cfg.adapt_steps, log, name)
-        record.update(status="ok", peak_memory_mib=memory.peak_mib, trainable_params=trainable, notes=setup.notes)
+        if memory is not None:
+            peak = memory.peak_bytes
+        else:
+            # one more forward/backward on the first batch, counted exactly; no optimizer step, grads dropped, so
+            # the trained adapters and the results above are untouched
+            peak = step_peak_bytes(model, setup.optimizer, lambda: setup.model(**train_batches[0]).loss.backward())
+            setup.optimizer.zero_grad(set_to_none=True)
+        record.update(status="ok", peak_memory_mib=peak / 2**20, trainable_params=trainable, notes=setup.notes)
     except Exception as exc:  # noqa: BLE001 - every method gets its row; the command fails at the end
         log(f"  {name:<12} FAILED: {type(exc).__name__}: {exc}")
         record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
@@ -529,7 +491,7 @@ def _run_method(name, cfg, device, pretrained_state, train_batches, eval_batches
 # --------------------------------------------------------------------------------------------------
 def format_table(payload: dict) -> str:
     device = payload["environment"]["device"]
-    mem_head = "peak MiB" if device.startswith("cuda") else "ΔRSS MiB"
+    mem_head = "peak MiB"
     head = (f"{'method':<12} {'train loss':>10} {'eval loss':>10} {'eval acc':>8} {'wall s':>7} {'ms/step':>8} "
             f"{mem_head:>9} {'τ sparsity':>10} {'trainable':>10} {'per step':>9}  notes")
     lines = [f"adaptation '{payload['config']['adapt_task']}' after pre-training on "
@@ -550,8 +512,6 @@ def format_table(payload: dict) -> str:
     if ok:
         lines.append(f"eval loss at start (pre-trained model on the new task): {ok[0]['eval_loss_start']:.4f}")
     lines.append(f"memory: {payload['memory_kind']}"
-                 + ("" if device.startswith("cuda") else " (peak over the run's start; the allocator keeps freed "
-                    "pages, so compare loosely)")
                  + "; wall s: training steps only (no evaluation), ms/step: their median; "
                  "per step: parameters that train in an average step (IST/LIFT freeze layers per step)")
     return "\n".join(lines)
