@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
+import time
 
 import pytest
 import torch
@@ -386,19 +388,65 @@ def environment():
     return env
 
 
+def trace(out_dir, M=8192, K=4096, N=4096, r=16, iters=5):
+    """Where the op's time goes against the kernels alone: a torch.profiler CUDA trace of fwd+bwd for each (τ off and
+    on), its per-kernel GPU totals and the GPU-busy fraction of the wall time (gaps mean the CPU side could not keep
+    up). Chrome traces go to ``out_dir``; returns one row per (impl, τ)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    c = make_case(M, K, N, r)
+    rows = []
+    for tau in (None, median_tau(c)):
+        for impl in ("kernels", "pyflex"):
+            fn, leaves = build(impl, c, tau, True)
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                start = time.perf_counter()
+                for _ in range(iters):
+                    for leaf in leaves:
+                        leaf.grad = None
+                    fn()
+                torch.cuda.synchronize()
+                wall_ms = 1000.0 * (time.perf_counter() - start) / iters
+            name = f"{impl}_{'tau_on' if tau is not None else 'tau_off'}"
+            prof.export_chrome_trace(os.path.join(out_dir, f"trace_{name}.json"))
+            kernels = {}
+            for e in prof.key_averages():
+                gpu_us = getattr(e, "device_time_total", 0.0) or 0.0
+                if gpu_us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+                    kernels[e.key] = gpu_us / iters / 1000.0
+            gpu_ms = sum(kernels.values())
+            rows.append(dict(impl=name, wall_ms=wall_ms, gpu_ms=gpu_ms, gpu_busy=gpu_ms / wall_ms,
+                             kernels_ms=dict(sorted(kernels.items(), key=lambda kv: -kv[1]))))
+            top = ", ".join(f"{k[:40]} {v:.3f}" for k, v in list(rows[-1]["kernels_ms"].items())[:6])
+            print(f"{name:<16} wall {wall_ms:7.3f} ms/iter  GPU {gpu_ms:7.3f} ms ({gpu_ms / wall_ms:5.1%})  {top}",
+                  flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
     ap.add_argument("--quick", action="store_true", help="one training shape, r=16 only")
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time block-size variants of the Triton kernels")
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="profile the op against the kernels alone at 8192×4096→4096 (CUDA traces into DIR)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark", file=sys.stderr)
         return 1
     env = environment()
     print(json.dumps(env))
-    rows = sweep() if args.sweep else run_all(quick=args.quick, decode_only=args.decode_only)
+    if args.trace:
+        rows = trace(args.trace)
+    elif args.sweep:
+        rows = sweep()
+    else:
+        rows = run_all(quick=args.quick, decode_only=args.decode_only)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(environment=env, rows=rows), f, indent=1)

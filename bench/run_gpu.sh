@@ -51,6 +51,9 @@ fi
 if [ "${PYFLEX_SKIP_BENCH:-0}" != "1" ]; then
   python bench/bench_gpu_flex_lora.py --out "$OUT/bench.json" "$@" 2> "$OUT/bench.err" | tee "$OUT/bench.txt"
   tail -5 "$OUT/bench.err"
+  # op vs kernels alone at 4096²: per-kernel GPU time and GPU-busy fraction (CUDA traces in $OUT/trace)
+  python bench/bench_gpu_flex_lora.py --trace "$OUT/trace" --out "$OUT/trace.json" 2>> "$OUT/bench.err" \
+    | tee "$OUT/trace.txt"
 fi
 if [ "${PYFLEX_SKIP_PROFILE:-0}" != "1" ]; then
   methods=${PYFLEX_PROFILE_METHODS:-hf_floor,pyflex_lora,pyflex_lora_norecompute,pyflex_tau,pyflex_lora_fused,peft_bf16,ist}
