@@ -135,6 +135,12 @@ def _distributed_worker(rank, world, port, out_path, wrapper):
             if wrapper == "ddp":
                 from torch.nn.parallel import DistributedDataParallel
                 wrapped = DistributedDataParallel(model)
+            elif wrapper == "fsdp1":  # FullyShardedDataParallel, one unit per decoder layer; frozen base weights
+                # share flat parameters with trainable adapters, which needs use_orig_params=True
+                from torch.distributed.fsdp import FullyShardedDataParallel
+                from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+                wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({type(model.model.layers[0])}),
+                                                   use_orig_params=True, device_id=torch.device("cpu"))
             else:  # FSDP2: each decoder layer, then the root, sharded over the ranks
                 from torch.distributed.fsdp import fully_shard
                 for layer in model.model.layers:
@@ -142,8 +148,14 @@ def _distributed_worker(rank, world, port, out_path, wrapper):
                 wrapped = fully_shard(model)
             per = 4 // world
             _train(wrapped, [ids[rank * per:(rank + 1) * per] for ids in _global_batches()])
-            weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                       for n, p in model.named_parameters() if "lora_" in n}
+            if wrapper == "fsdp1":
+                from torch.distributed.fsdp import FullyShardedDataParallel
+                with FullyShardedDataParallel.summon_full_params(wrapped):
+                    weights = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                               for n, p in wrapped.named_parameters() if "lora_" in n}
+            else:
+                weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                           for n, p in model.named_parameters() if "lora_" in n}
         if rank == 0:
             torch.save(weights, out_path)
         dist.barrier()
@@ -165,10 +177,10 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp1", "fsdp2"])
 def test_distributed_matches_single_process(tmp_path, wrapper):
     """2 gloo processes on CPU, each with half of every global batch, end with the adapter weights that one process
-    training on the whole batches gets (DDP averages gradients; FSDP2 shards and reduce-scatters them)."""
+    training on the whole batches gets (DDP averages gradients; FSDP1 and FSDP2 shard and reduce-scatter them)."""
     import torch.multiprocessing as mp
     if wrapper == "fsdp2":
         from torch.distributed import fsdp
