@@ -51,6 +51,7 @@ fi
 if [ "${PYFLEX_SKIP_BENCH:-0}" != "1" ]; then
   python bench/bench_gpu_flex_lora.py --out "$OUT/bench.json" "$@" 2> "$OUT/bench.err" | tee "$OUT/bench.txt"
   tail -5 "$OUT/bench.err"
+  python bench/bench_gpu_gated_act.py --out "$OUT/gated_act.json" 2>> "$OUT/bench.err" | tee "$OUT/gated_act.txt"
   # op vs kernels alone at 4096²: per-kernel GPU time and GPU-busy fraction (CUDA traces in $OUT/trace)
   python bench/bench_gpu_flex_lora.py --trace "$OUT/trace" --out "$OUT/trace.json" 2>> "$OUT/bench.err" \
     | tee "$OUT/trace.txt"
