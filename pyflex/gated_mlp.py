@@ -132,12 +132,14 @@ class _RebuiltInput:
             return self.act_mul(self.g, self.u, self.state).view(self.shape)
 
 
-def _torch_act_mul(act: Callable):
-    """act_mul(g, u, state): state None → the eager expression (compiled or no-grad forward); with grad →
-    GatedActFunction; without grad (the h rebuild in backward) → act(g)·u, leaving act(g) in state."""
+def _default_act_mul(act: Callable):
+    """act_mul(g, u, state): state None → no-grad forward (the fused kernels where they serve) or, under torch.compile,
+    the eager expression; with grad → GatedActFunction; without grad (the h rebuild in backward) → act(g)·u, leaving
+    act(g) in state for the activation's backward."""
     def act_mul(g, u, state):
         if state is None:
-            return act(g) * u
+            kernels = None if torch.compiler.is_compiling() else _fused_kernels(act, g)
+            return kernels.silu_mul(g, u) if kernels is not None else act(g) * u
         if torch.is_grad_enabled():
             return gated_act(g, u, act, state)
         kernels = _fused_kernels(act, g)
@@ -212,7 +214,7 @@ def install_gated_mlp(mlp: nn.Module, kind: str, act_mul: Optional[Callable] = N
     or e.g. liger's fused MLP forward when that was bound in between)."""
     check_gated_mlp(mlp, kind)
     if act_mul is None:
-        act_mul = _torch_act_mul(_activation(mlp, kind))
+        act_mul = _default_act_mul(_activation(mlp, kind))
     current = mlp.__dict__.get("forward")  # None: the class forward
     if getattr(current, "__func__", None) is not _gated_forward:
         # first install, or another patch (liger's fused MLP) rebound forward since: that is what to restore
