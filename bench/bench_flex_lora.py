@@ -86,3 +86,36 @@ def test_fwd_bwd(benchmark, M, K, N, r, impl, tau_on):
         benchmark.extra_info["sparsity"] = pyflex.sparsity(mask)
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
     assert x.grad is not None and (impl == "base_linear" or lora_A.grad is not None)
+
+
+@pytest.mark.parametrize("case", ["op_no_grad", "op_fwd_bwd", "op_fwd_bwd_tau", "backend_forward", "base_linear"])
+def test_per_call_overhead(benchmark, case):
+    """What one call costs besides the math: a 4-token, 64→64, r=8 layer, where the kernels take microseconds.
+    op_no_grad is the inference path (no autograd.Function); backend_forward calls the backend's lora_forward
+    directly (no validation, dispatch or autograd)."""
+    x, weight, bias, lora_A, lora_B, gy = _case(4, 64, 64, 8)
+    tau = torch.tensor(0.0, device=DEVICE, requires_grad=True) if case == "op_fwd_bwd_tau" else None
+    backend = pyflex.ops.resolve_backend(x.device)[1]
+    cscale = torch.full((4,), SCALE, device=DEVICE, dtype=torch.float32 if DTYPE != torch.float64 else DTYPE)
+    xd = x.detach()
+
+    def step():
+        if case == "op_no_grad":
+            with torch.no_grad():
+                pyflex.flex_lora(x, weight, bias, lora_A, lora_B, SCALE)
+        elif case == "backend_forward":
+            backend.lora_forward(xd, weight, bias, lora_A.detach(), lora_B.detach(), xd, cscale, None)
+        elif case == "base_linear":
+            F.linear(xd, weight, bias)
+        else:
+            for t in (x, lora_A, lora_B, tau):
+                if t is not None:
+                    t.grad = None
+            pyflex.flex_lora(x, weight, bias, lora_A, lora_B, SCALE, tau=tau).backward(gy)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    benchmark.extra_info.update(device=DEVICE, backend=pyflex.ops.resolve_backend(x.device)[0],
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(step, rounds=200, iterations=10, warmup_rounds=5)
