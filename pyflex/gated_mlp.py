@@ -172,6 +172,8 @@ def _another_hook_active() -> bool:
 
 def _gated_forward(self, x):
     kind, act_mul = getattr(self, _INSTALLED_ATTR)
+    if act_mul is None:  # looked up per call, so a deep copy of the model uses its own activation module
+        act_mul = _default_act_mul(_activation(self, kind))
     if kind == "split":
         g, u = self.gate_proj(x), self.up_proj(x)
     else:
@@ -213,8 +215,6 @@ def install_gated_mlp(mlp: nn.Module, kind: str, act_mul: Optional[Callable] = N
     act_mul; :func:`uninstall_gated_mlp` restores the forward that was bound before pyflex's (the class forward,
     or e.g. liger's fused MLP forward when that was bound in between)."""
     check_gated_mlp(mlp, kind)
-    if act_mul is None:
-        act_mul = _default_act_mul(_activation(mlp, kind))
     current = mlp.__dict__.get("forward")  # None: the class forward
     if getattr(current, "__func__", None) is not _gated_forward:
         # first install, or another patch (liger's fused MLP) rebound forward since: that is what to restore

@@ -152,6 +152,20 @@ def test_unpatch_restores_the_class_forward():
         assert "forward" not in layer.mlp.__dict__ and not gated_mlp.has_gated_mlp(layer.mlp)
 
 
+def test_deepcopy_of_a_patched_model_uses_its_own_modules():
+    model = tiny_model("llama", layers=1)
+    pyflex.patch_model(model, r=4)
+    twin = copy.deepcopy(model)
+    mlp = twin.model.layers[0].mlp
+    assert mlp.forward.__self__ is mlp
+    calls = []
+    mlp.act_fn.register_forward_hook(lambda *args: calls.append(1))
+    ids = tokens(batch=1, seq=4)
+    twin(input_ids=ids, labels=ids).loss.backward()
+    assert calls  # the copy's activation ran, not the original's
+    torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_uninstall_restores_a_forward_bound_before():
     model = tiny_model("llama", layers=1)
     mlp = model.model.layers[0].mlp
