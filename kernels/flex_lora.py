@@ -34,7 +34,6 @@ so bf16 stores round to nearest even on the bits there (``RTNE_BF16``).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -43,9 +42,9 @@ import triton
 import triton.language as tl
 
 from pyflex import reference
+from pyflex.kernels.numerics import INTERPRET, _rtne, _to_out
 from pyflex.reference import NORM_EPS, BackwardResult, ForwardResult
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Token counts up to this take the decode path (one pass over W0 computing y0, z, Σy0² together).
 DECODE_MAX_M = 64
 
@@ -89,10 +88,6 @@ def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _rtne(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype == torch.bfloat16
-
-
 def _split(dtype: torch.dtype, RP: int) -> bool:
     """Split fp32 operands into bf16 hi + lo for native dots (see _dot_f32_lhs): bf16 on GPU only (fp16 could
     overflow on hi; the interpreter's bf16 dots are wrong), and from rank split_min_rank on (H100: at r=64 it
@@ -105,18 +100,6 @@ def _prec(dtype: torch.dtype) -> str:
     """Precision of dots that have an fp32 operand: IEEE for fp32 inputs, TF32 for 16-bit inputs."""
     return "ieee" if (dtype == torch.float32 or INTERPRET) else "tf32"
 
-
-
-@triton.jit
-def _to_out(v, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """fp32 → output dtype. The interpreter converts fp32 → bf16 by truncation, so there the
-    round-to-nearest-even is done on the bits (RTNE_BF16 is only set under the interpreter)."""
-    if RTNE_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflex.kernels.flex_lora import _rtne, _to_out
+from pyflex.kernels.numerics import _rtne, _to_out
 
 __all__ = ["silu_mul", "silu_mul_backward"]
 

@@ -490,10 +490,8 @@ def _run_method(name, cfg, device, pretrained_state, train_batches, eval_batches
 # report
 # --------------------------------------------------------------------------------------------------
 def format_table(payload: dict) -> str:
-    device = payload["environment"]["device"]
-    mem_head = "peak MiB"
     head = (f"{'method':<12} {'train loss':>10} {'eval loss':>10} {'eval acc':>8} {'wall s':>7} {'ms/step':>8} "
-            f"{mem_head:>9} {'τ sparsity':>10} {'trainable':>10} {'per step':>9}  notes")
+            f"{'peak MiB':>9} {'τ sparsity':>10} {'trainable':>10} {'per step':>9}  notes")
     lines = [f"adaptation '{payload['config']['adapt_task']}' after pre-training on "
              f"'{payload['config']['pretrain_task']}' ({payload['config']['adapt_steps']} steps, eval loss at start "
              "is the pre-trained model's)", head, "-" * len(head)]
