@@ -1,9 +1,9 @@
-"""GPU microbenchmark of the gated-MLP product h = silu(g)·u, forward and forward+backward.
+"""GPU microbenchmark of the gated-MLP product h = act(g)·u (SiLU and tanh-GELU), forward and forward+backward.
 
 Compared in the same run, same inputs (bf16, M tokens × I intermediate):
-    eager     F.silu(g) * u with autograd (what HF's LlamaMLP runs)
+    eager     F.silu(g) * u / F.gelu(g, approximate="tanh") * u with autograd (what HF's MLPs run)
     pyflex    pyflex.gated_mlp.gated_act (Triton kernels of pyflex.kernels.gated_act; saves g and u only)
-    liger     liger-kernel's LigerSiLUMulFunction, when importable
+    liger     liger-kernel's LigerSiLUMulFunction / LigerGELUMulFunction, when importable
 
     python bench/bench_gpu_gated_act.py --out gated_act.json
     python -m pytest bench/bench_gpu_gated_act.py --benchmark-enable -q
@@ -14,12 +14,12 @@ write h; fwd+bwd: that plus read dh, g, u and write dg, du).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if __name__ != "__main__" and not torch.cuda.is_available():
     pytest.skip("GPU benchmarks need CUDA", allow_module_level=True)
@@ -28,17 +28,21 @@ import triton.testing  # noqa: E402
 
 SHAPES = [(8192, 5632), (8192, 11008), (16384, 14336)]
 IMPLS = ("eager", "pyflex", "liger")
+ACTS = ("silu", "gelu_tanh")
 
 
-def _liger():
+def _liger(act):
     try:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        if act == "silu":
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction as function
+        else:
+            from liger_kernel.ops.geglu import LigerGELUMulFunction as function
     except ImportError:
         return None
-    return LigerSiLUMulFunction
+    return function
 
 
-def build(impl, M, N, train, dtype=torch.bfloat16):
+def build(impl, M, N, train, act="silu", dtype=torch.bfloat16):
     """(fn, grad leaves) or None when the implementation is not available."""
     from pyflex import gated_mlp
 
@@ -46,16 +50,15 @@ def build(impl, M, N, train, dtype=torch.bfloat16):
     g = torch.randn(M, N, device="cuda", dtype=dtype, generator=g0).requires_grad_(train)
     u = torch.randn(M, N, device="cuda", dtype=dtype, generator=g0).requires_grad_(train)
     dh = torch.randn(M, N, device="cuda", dtype=dtype, generator=g0)
+    module = torch.nn.SiLU() if act == "silu" else torch.nn.GELU(approximate="tanh")
     if impl == "eager":
         def fwd():
-            return F.silu(g) * u
+            return module(g) * u
     elif impl == "pyflex":
-        silu = torch.nn.SiLU()
-
         def fwd():
-            return gated_mlp.gated_act(g, u, silu)
+            return gated_mlp.gated_act(g, u, module)
     elif impl == "liger":
-        function = _liger()
+        function = _liger(act)
         if function is None:
             return None
 
@@ -76,23 +79,21 @@ def build(impl, M, N, train, dtype=torch.bfloat16):
 
 def run_all():
     rows = []
-    for M, N in SHAPES:
-        for train in (False, True):
-            base = None
-            for impl in IMPLS:
-                built = build(impl, M, N, train)
-                if built is None:
-                    continue
-                fn, leaves = built
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves or None,
-                                             return_mode="median")
-                base = ms if impl == "eager" else base
-                bytes_moved = M * N * 2 * (3 + (5 if train else 0))
-                row = dict(M=M, N=N, pass_="fwd+bwd" if train else "fwd", impl=impl, ms=ms,
-                           gb_s=bytes_moved / ms / 1e6, x_eager=ms / base)
-                rows.append(row)
-                print(f"{M:>6} {N:>6} {row['pass_']:<8} {impl:<7} {ms:8.3f} ms {row['gb_s']:7.0f} GB/s "
-                      f"{row['x_eager']:5.2f}× eager", flush=True)
+    for act, (M, N), train in itertools.product(ACTS, SHAPES, (False, True)):
+        base = None
+        for impl in IMPLS:
+            built = build(impl, M, N, train, act)
+            if built is None:
+                continue
+            fn, leaves = built
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves or None, return_mode="median")
+            base = ms if impl == "eager" else base
+            bytes_moved = M * N * 2 * (3 + (5 if train else 0))
+            row = dict(act=act, M=M, N=N, pass_="fwd+bwd" if train else "fwd", impl=impl, ms=ms,
+                       gb_s=bytes_moved / ms / 1e6, x_eager=ms / base)
+            rows.append(row)
+            print(f"{act:<9} {M:>6} {N:>6} {row['pass_']:<8} {impl:<7} {ms:8.3f} ms {row['gb_s']:7.0f} GB/s "
+                  f"{row['x_eager']:5.2f}× eager", flush=True)
     return rows
 
 
@@ -111,10 +112,11 @@ def main(argv=None):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("train", [False, True], ids=["fwd", "fwdbwd"])
 @pytest.mark.parametrize("M,N", SHAPES[:1])
-def test_gated_act(benchmark, M, N, train, impl):
-    built = build(impl, M, N, train)
+def test_gated_act(benchmark, M, N, train, act, impl):
+    built = build(impl, M, N, train, act)
     if built is None:
         pytest.skip(f"{impl} is not installed")
     fn, leaves = built

@@ -10,8 +10,8 @@ shared/ANCHORS.md each of them is 8192 × 5632 bf16 = 88 MiB per layer, 1.9 GiB 
 * :class:`GatedActFunction` computes h = act(g)·u with the module's own activation (same kernels, so h is bitwise
   the eager value) and saves (g, u); its backward rebuilds a = act(g) (one elementwise pass) and returns the eager
   gradients (for SiLU the same ``silu_backward`` call eager autograd makes, so the gradients are bitwise equal too).
-  On the Triton backend (CUDA) SiLU runs :mod:`pyflex.kernels.gated_act` instead: one fused pass forward and one
-  backward, eager's rounding points, within one 16-bit ulp of eager;
+  On the Triton backend (CUDA) SiLU and tanh-GELU run :mod:`pyflex.kernels.gated_act` instead: one fused pass
+  forward and one backward, eager's rounding points, within one 16-bit ulp of eager;
 * while ``down_proj`` runs, a saved-tensor hook replaces every tensor it saves that *is* h (same storage, same
   number of elements) by a :class:`_RebuiltInput` recipe holding (g, u), which backward turns back into h; the
   rebuilt a is handed to the activation's backward, which runs right after, so a is computed once.
@@ -64,23 +64,48 @@ def _is_silu(act: Callable) -> bool:
     return type(act).__name__ == "SiLUActivation" and type(act).__module__.startswith("transformers")
 
 
-def _fused_kernels(act: Callable, t: torch.Tensor):
-    """pyflex.kernels.gated_act when it serves this call (SiLU, fp16/bf16/fp32, and the op's backend for t's device
-    is Triton: CUDA tensors by default, CPU tensors only when the 'triton' backend is forced), else None."""
-    if not _is_silu(act) or t.dtype == torch.float64:
+def _is_gelu_tanh(act: Callable) -> bool:
+    if isinstance(act, nn.GELU):
+        return act.approximate == "tanh"
+    # transformers' GELUTanh (gelu_pytorch_tanh): forward is F.gelu(approximate="tanh"), unless built with the
+    # python formula, which rounds differently
+    inner = getattr(act, "act", None)
+    return (type(act).__name__ == "GELUTanh" and getattr(inner, "func", None) is F.gelu
+            and getattr(inner, "keywords", {}) == {"approximate": "tanh"})
+
+
+class _Fused:
+    """pyflex.kernels.gated_act bound to one activation ('silu' or 'gelu_tanh')."""
+    __slots__ = ("kernels", "act")
+
+    def __init__(self, kernels, act: str):
+        self.kernels, self.act = kernels, act
+
+    def forward(self, g, u):
+        return self.kernels.gated_mul(g, u, self.act)
+
+    def backward(self, dh, g, u, need_g, need_u):
+        return self.kernels.gated_mul_backward(dh, g, u, self.act, need_g, need_u)
+
+
+def _fused_kernels(act: Callable, t: torch.Tensor) -> Optional[_Fused]:
+    """The fused kernels when they serve this call (SiLU or tanh-GELU, fp16/bf16/fp32, and the op's backend for t's
+    device is Triton: CUDA tensors by default, CPU tensors only when the 'triton' backend is forced), else None."""
+    name = "silu" if _is_silu(act) else "gelu_tanh" if _is_gelu_tanh(act) else None
+    if name is None or t.dtype == torch.float64:
         return None
     from .ops import resolve_backend
     if resolve_backend(t.device)[0] != "triton":
         return None
     from .kernels import gated_act
-    return gated_act
+    return _Fused(gated_act, name)
 
 
 class GatedActFunction(torch.autograd.Function):
     """h = act(g) · u saving only g and u. Shapes: g, u (..., I) → h (..., I), same dtype.
 
-    SiLU on the Triton backend runs :mod:`pyflex.kernels.gated_act` (one pass forward, one backward, eager's
-    rounding points); everything else runs the module's activation and eager's backward kernels."""
+    SiLU and tanh-GELU on the Triton backend run :mod:`pyflex.kernels.gated_act` (one pass forward, one backward,
+    eager's rounding points); everything else runs the module's activation and eager's backward kernels."""
 
     @staticmethod
     def forward(ctx, g, u, act, state):
@@ -88,7 +113,7 @@ class GatedActFunction(torch.autograd.Function):
         ctx.save_for_backward(g, u)
         kernels = _fused_kernels(act, g)
         ctx.kernels = kernels
-        return kernels.silu_mul(g, u) if kernels is not None else act(g) * u
+        return kernels.forward(g, u) if kernels is not None else act(g) * u
 
     @staticmethod
     def backward(ctx, dh):
@@ -96,7 +121,7 @@ class GatedActFunction(torch.autograd.Function):
         need_g, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         a, ctx.state.act = ctx.state.act, None      # rebuilt by the h recipe, if down_proj saved h
         if ctx.kernels is not None:
-            dg, du = ctx.kernels.silu_mul_backward(dh, g, u, need_g, need_u)
+            dg, du = ctx.kernels.backward(dh, g, u, need_g, need_u)
             return dg, du, None, None
         dg = du = None
         if need_g and not _is_silu(ctx.act):
@@ -139,12 +164,12 @@ def _default_act_mul(act: Callable):
     def act_mul(g, u, state):
         if state is None:
             kernels = None if torch.compiler.is_compiling() else _fused_kernels(act, g)
-            return kernels.silu_mul(g, u) if kernels is not None else act(g) * u
+            return kernels.forward(g, u) if kernels is not None else act(g) * u
         if torch.is_grad_enabled():
             return gated_act(g, u, act, state)
         kernels = _fused_kernels(act, g)
-        if kernels is not None:    # its backward recomputes silu(g) itself
-            return kernels.silu_mul(g, u)
+        if kernels is not None:    # its backward recomputes act(g) itself
+            return kernels.forward(g, u)
         state.act = act(g)         # the activation's backward, which runs next, reuses it
         return state.act * u
     return act_mul

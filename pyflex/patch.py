@@ -154,7 +154,7 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
         layers_path: dotted path (from ``model``) of the layer ModuleList, for families outside pyflex.models.
         recompute_mlp: gated-MLP activation memory (:mod:`pyflex.gated_mlp`): every layer's MLP keeps only the
             gate and up outputs for backward and rebuilds act(gate) and down_proj's input there (bitwise equal to
-            eager with eager's kernels; on CUDA, SiLU runs pyflex's fused kernels, within one 16-bit ulp).
+            eager with eager's kernels; on CUDA, SiLU / tanh-GELU run pyflex's fused kernels, within one 16-bit ulp).
             None (default): on for families with a gated MLP (Llama, Mistral, Qwen2/3, Gemma2, Phi-3), off
             otherwise; True: required (error for other families); False: off. Saves one (tokens × intermediate)
             tensor per layer, two where down_proj has an adapter.

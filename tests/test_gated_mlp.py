@@ -101,13 +101,14 @@ def test_recompute_mlp_composes(kwargs):
         assert torch.equal(grads_on[name], grads_off[name]), name
 
 
-def test_recompute_mlp_on_the_triton_backend():
-    """Triton backend (the interpreter here, CUDA on a GPU): the MLP runs the fused SiLU·mul kernels; the step
-    matches the eager MLP to rounding (fp32)."""
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_recompute_mlp_on_the_triton_backend(family):
+    """Triton backend (the interpreter here, CUDA on a GPU): the MLP runs the fused act·mul kernels (SiLU; Gemma2's
+    tanh-GELU; Phi-3's gate/up halves of one tensor); the step matches the eager MLP to rounding (fp32)."""
     results = []
     for recompute in (False, True):
         with pyflex.use_backend("triton"):
-            results.append(_train_step("llama", recompute))
+            results.append(_train_step(family, recompute))
     (_, l0, g0), (_, l1, g1) = results
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
     for name in g0:
