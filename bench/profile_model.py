@@ -64,8 +64,8 @@ SIZES = {
     # CPU smoke test: same shape family, seconds per method on 2 cores
     "tiny": dict(hidden=128, intermediate=344, layers=4, heads=4, kv_heads=2, vocab=512, batch=2, seq=64),
 }
-METHOD_NAMES = ("hf_floor", "peft", "peft_bf16", "pyflex_lora", "pyflex_lora_norecompute", "pyflex_tau", "ist", "lift_f2e", "lift_e2f", "hlpt",
-                "h2lpt", "pyflex_lora_fused")
+METHOD_NAMES = ("hf_floor", "peft", "peft_bf16", "pyflex_lora", "pyflex_lora_norecompute", "pyflex_tau", "ist",
+                "lift_f2e", "lift_e2f", "hlpt", "h2lpt", "pyflex_lora_fused")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 PHASES = ("schedule", "forward", "backward", "optimizer")
@@ -394,8 +394,8 @@ def format_table(payload: dict) -> str:
     floor = results.get("hf_floor", {}).get("step_ms_median") if results.get("hf_floor", {}).get("status") == "ok" \
         else None
     width = max([12] + [len(n) for n in payload["methods"]])
-    head = (f"{'method':<{width}} {'step ms':>9} {'× floor':>8} {'tokens/s':>10} {'peak GiB':>9} {'fwd':>8} {'bwd':>8} "
-            f"{'optim':>7} {'sched':>7} {'trainable':>12}  notes")
+    head = (f"{'method':<{width}} {'step ms':>9} {'× floor':>8} {'tokens/s':>10} {'peak GiB':>9} {'fwd':>8} "
+            f"{'bwd':>8} {'optim':>7} {'sched':>7} {'trainable':>12}  notes")
     lines = [head, "-" * len(head)]
     for name in payload["methods"]:
         r = results[name]

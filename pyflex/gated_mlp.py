@@ -158,9 +158,9 @@ class _RebuiltInput:
 
 
 def _default_act_mul(act: Callable):
-    """act_mul(g, u, state): state None → no-grad forward (the fused kernels where they serve) or, under torch.compile,
-    the eager expression; with grad → GatedActFunction; without grad (the h rebuild in backward) → act(g)·u, leaving
-    act(g) in state for the activation's backward."""
+    """act_mul(g, u, state): state None → no-grad forward (the fused kernels where they serve) or, under
+    torch.compile, the eager expression; with grad → GatedActFunction; without grad (the h rebuild in backward)
+    → act(g)·u, leaving act(g) in state for the activation's backward."""
     def act_mul(g, u, state):
         if state is None:
             kernels = None if torch.compiler.is_compiling() else _fused_kernels(act, g)
