@@ -1,8 +1,9 @@
 """pyflex: kernel-accelerated parameter-efficient fine-tuning for Hugging Face models.
 
-Layers, lowest first: the op (ops, reference, tau) → FlexLinear (layers) → patching (patch, models, handles, io) →
-plans (HLPT, prefix) and schedules (IST, LIFT) → the Trainer callback. fused_ops wraps liger-kernel, imported only
-when it is called.
+Layers, lowest first: the op (ops, reference, tau) → FlexLinear (layers) and the memory-light gated MLP
+(gated_mlp) → patching (patch, models, handles, io) → plans (HLPT, prefix) and schedules (IST, LIFT) → the Trainer
+callback. fused_ops wraps liger-kernel, imported only when it is called; memory measures tensor bytes on any device
+(the demo and bench/profile_model.py use it).
 """
 from .ops import BACKENDS, cpp_available, current_backend_name, flex_lora, resolve_backend, sparsity, use_backend
 from .tau import make_tau, tau_param_groups, tau_values
