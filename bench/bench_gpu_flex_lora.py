@@ -44,6 +44,7 @@ import triton.testing  # noqa: E402
 import pyflex  # noqa: E402
 from pyflex import reference  # noqa: E402
 from pyflex.kernels import flex_lora as fk  # noqa: E402
+from step_fns import step_fn  # noqa: E402  (bench/ is on sys.path as the script's or pytest's rootdir folder)
 
 TRAIN_SHAPES = [(8192, 4096, 4096), (8192, 4096, 11008), (8192, 11008, 4096)]
 DECODE_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (16, 4096, 11008)]
@@ -180,16 +181,7 @@ def build(impl, c, tau, train):
         return run, []
     else:
         raise ValueError(f"impl={impl!r} is not one of base, eager, addmm, peft, pyflex, kernels")
-
-    if not train:
-        def run():
-            with torch.no_grad():
-                return fwd()
-        return run, []
-
-    def run():
-        fwd().backward(gy)
-    return run, leaves
+    return step_fn(fwd, gy, train, leaves)
 
 
 def time_ms(fn, leaves, graph=False):

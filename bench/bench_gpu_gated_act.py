@@ -26,6 +26,8 @@ if __name__ != "__main__" and not torch.cuda.is_available():
 
 import triton.testing  # noqa: E402
 
+from step_fns import step_fn  # noqa: E402  (bench/ is on sys.path as the script's or pytest's rootdir folder)
+
 SHAPES = [(8192, 5632), (8192, 11008), (16384, 14336)]
 IMPLS = ("eager", "pyflex", "liger")
 ACTS = ("silu", "gelu_tanh")
@@ -66,15 +68,7 @@ def build(impl, M, N, train, act="silu", dtype=torch.bfloat16):
             return function.apply(g, u)
     else:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-    if not train:
-        def run():
-            with torch.no_grad():
-                return fwd()
-        return run, []
-
-    def run():
-        fwd().backward(dh)
-    return run, [g, u]
+    return step_fn(fwd, dh, train, [g, u])
 
 
 def run_all():
