@@ -134,7 +134,8 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
                     target_modules=list(patch["target_modules"]), tau=patch["tau"], lam=patch["lam"],
                     tau0=patch["tau0"], bias=patch.get("bias", "none"),
                     adapter_dtype=None if dtype_name is None else _DTYPES[dtype_name],
-                    layers_path=patch.get("layers_path") if _needs_layers_path(inner) else None)
+                    layers_path=patch.get("layers_path") if _needs_layers_path(inner) else None,
+                    recompute_mlp=patch.get("recompute_mlp"))
     registry = get_registry(inner)
     _check_and_copy(registry.named_adapter_parameters(), tensors, f"adapter {path!r}", cast=False)
     scales = config.get("response_scales")

@@ -47,6 +47,17 @@ def test_roundtrip_into_unpatched_and_patched(tmp_path):
     assert_close(other(ids).logits, ref)
 
 
+@pytest.mark.parametrize("recompute_mlp", [False, True])
+def test_load_into_unpatched_keeps_recompute_mlp(tmp_path, recompute_mlp):
+    model = _patched(recompute_mlp=recompute_mlp)
+    pyflex.save_adapter(model, str(tmp_path))
+    fresh = pyflex.load_adapter(tiny_model("llama"), str(tmp_path))
+    assert pyflex.get_registry(fresh).config["recompute_mlp"] is recompute_mlp
+    assert ("forward" in fresh.model.layers[0].mlp.__dict__) is recompute_mlp
+    ids = tokens()
+    assert_close(fresh(ids).logits, model(ids).logits)
+
+
 def _corrupt(path, fn):
     file = os.path.join(path, "pyflex_adapter.safetensors")
     tensors = load_file(file)
