@@ -27,6 +27,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .compat import cache_from_call, cache_length
+
 ATTN_IMPLEMENTATION = "pyflex_prefix"
 PREFIX_ATTR = "pyflex_prefix"  # attribute of the attention module that holds its GatedPrefix
 _BASES = ("sdpa", "eager")
@@ -81,18 +83,6 @@ class GatingContext:
         return total / count.clamp_min(1.0)
 
 
-def _past_length(past_key_values) -> int:
-    if past_key_values is None:
-        return 0
-    try:
-        return int(past_key_values.get_seq_length())
-    except Exception:  # legacy tuple caches or exotic cache classes
-        try:
-            return int(past_key_values[0][0].shape[-2])
-        except Exception:
-            return 0
-
-
 def install_gating_context(decoder: nn.Module) -> GatingContext:
     """Attach (once) a :class:`GatingContext` to ``decoder`` (the module that runs the layer stack, e.g.
     ``LlamaModel``) and a forward pre-hook that records each forward's padding mask and cache length."""
@@ -105,7 +95,7 @@ def install_gating_context(decoder: nn.Module) -> GatingContext:
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]  # (input_ids, attention_mask, ...) called positionally
-        ctx.begin_forward(mask, _past_length(kwargs.get("past_key_values")))
+        ctx.begin_forward(mask, cache_length(cache_from_call(args, kwargs)))
 
     decoder._pyflex_gating_context = ctx
     decoder._pyflex_gating_hook = decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True)
