@@ -134,7 +134,7 @@ void scatter_add_rows(Tensor& dst, const std::vector<int64_t>& rows, const Tenso
   }
 }
 
-// Per token: ‖y0_i‖² (an N-wide pass over y0), z_iᵀ G z_i from zG = z G, ρ_i and m_i = 1[ρ_i ≥ τ].
+// Per token: ‖y0_i‖² (an N-wide pass over the bias-free y0 = x W0ᵀ), z_iᵀ G z_i from zG = z G, ρ_i and m_i = 1[ρ_i ≥ τ].
 template <typename scalar_t>
 void ratio_and_mask(const Tensor& y0, const Tensor& z, const Tensor& zG, const Tensor& cscale, double tau,
                     Tensor& ratio, Tensor& mask) {
@@ -219,8 +219,10 @@ std::tuple<Tensor, Tensor, OptTensor, Tensor> lora_forward(const Tensor& x_in, c
 
   const Tensor x = x_in.contiguous();
   const Tensor cscale = cscale_in.contiguous();
-  // y0 in the input dtype, as F.linear computes it. y is built in place on y0.
-  Tensor y = has_bias ? at::addmm(*bias_in, x, weight_in.t()) : at::mm(x, weight_in.t());
+  // y0 in the input dtype, as F.linear computes it. y is built in place on y0. With the mask on, the bias is
+  // added after the ratio: PEFT_S eq. 4 divides by ‖W0 x_i‖, without the bias.
+  const bool bias_after_ratio = has_bias && tau.has_value();
+  Tensor y = has_bias && !bias_after_ratio ? at::addmm(*bias_in, x, weight_in.t()) : at::mm(x, weight_in.t());
   y = y.contiguous();
   const Tensor Bc = lora_B_in.to(cdt);
   const Tensor z = at::mm(x_lora_in.to(cdt), lora_A_in.to(cdt).t()).contiguous();  // (M, r)
@@ -238,6 +240,7 @@ std::tuple<Tensor, Tensor, OptTensor, Tensor> lora_forward(const Tensor& x_in, c
       ratio_and_mask<scalar_t>(y, z, zG, cscale, *tau, rt, mask);
     });
     ratio = rt;
+    if (bias_after_ratio) y.add_(*bias_in);
   }
 
   if (!tau.has_value() && dtype == cdt) {

@@ -141,10 +141,10 @@ def _acc_x_wt(acc, x_ptr, rows, rmask, s_xm, s_xk, w_ptr, cols, cmask, s_wc, s_w
 # forward: rows pass after the cuBLAS y0
 # ------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["M"])
-def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr, mask_ptr,
+def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr, mask_ptr, bias_ptr,
                      M, N, K, R, tau_ptr,
                      s_ym, s_yn, s_xm, s_xk, s_ar, s_ak, s_bn, s_br,
-                     HAS_TAU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     HAS_TAU: tl.constexpr, ADD_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr, PREC: tl.constexpr,
                      EPS: tl.constexpr, WRITE_ONLY: tl.constexpr, SPLIT: tl.constexpr):
     pid = tl.program_id(0)
@@ -188,7 +188,11 @@ def _fwd_rows_kernel(y_ptr, xl_ptr, a_ptr, b_ptr, g_ptr, c_ptr, z_ptr, ratio_ptr
                      mask=nmask[None, :] & rrmask[:, None], other=0.0)
         d = _dot_f32_lhs(w, bt, tl.zeros((BM, BN), dtype=tl.float32), SPLIT, PREC)
         yp = y_ptr + rows64[:, None] * s_ym + ns[None, :] * s_yn
-        ym = act[:, None] & nmask[None, :]
+        if ADD_BIAS:  # y0 came without bias (the ratio's denominator is ‖W0 x‖): every row gets the bias here
+            d = tl.where(act[:, None], d, 0.0) + tl.load(bias_ptr + ns, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            ym = rmask[:, None] & nmask[None, :]
+        else:
+            ym = act[:, None] & nmask[None, :]
         if WRITE_ONLY:
             tl.store(yp, _to_out(d, y_ptr.dtype.element_ty, RTNE_BF16), mask=ym)
         else:
@@ -207,7 +211,7 @@ def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, zp
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BNG: tl.constexpr,
                         RP: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr, XPREC: tl.constexpr):
     """One launch, three kinds of programs that all run at once:
-    [0, cdiv(N, BN)): y0[:, block] (+bias), rounded, and its partial Σ y0² per row;
+    [0, cdiv(N, BN)): y0[:, block] (+bias), rounded, and the partial Σ (x W0ᵀ)² per row (bias-free);
     next NZ: partial z = x[:, k-range] A[:, k-range]ᵀ over K ranges of KZ (summed by the apply kernel);
     next (with τ) cdiv(N, NG): partial Gram B[n-range]ᵀ B[n-range].
     Splitting z and G over programs keeps every program's bytes close to a W0 block's."""
@@ -222,15 +226,15 @@ def _decode_base_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, sqp_ptr, zp
         cmask = cols < N
         acc = _acc_x_wt(tl.zeros((BM, BN), dtype=tl.float32), x_ptr, rows, rmask, s_xm, s_xk,
                         w_ptr, cols.to(tl.int64), cmask, s_wn, s_wk, 0, K, K, BK, UPCAST, XPREC)
+        ym = rmask[:, None] & cmask[None, :]
+        if HAS_TAU:
+            # Σ over the rounded bias-free y0 = x W0ᵀ, as the reference squares F.linear(x, W0) (PEFT_S eq. 4)
+            yf = tl.where(ym, _to_out(acc, y_ptr.dtype.element_ty, RTNE_BF16).to(tl.float32), 0.0)
+            tl.store(sqp_ptr + pid * BM + rows, tl.sum(yf * yf, axis=1))
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         yv = _to_out(acc, y_ptr.dtype.element_ty, RTNE_BF16)
-        ym = rmask[:, None] & cmask[None, :]
         tl.store(y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn, yv, mask=ym)
-        if HAS_TAU:
-            # Σ over the rounded y0, as the reference squares the input-dtype y0
-            yf = tl.where(ym, yv.to(tl.float32), 0.0)
-            tl.store(sqp_ptr + pid * BM + rows, tl.sum(yf * yf, axis=1))
     elif pid < n_wblk + NZ:
         j = pid - n_wblk
         acc = _acc_x_wt(tl.zeros((BM, RP), dtype=tl.float32), x_ptr, rows, rmask, s_xm, s_xk,
@@ -432,10 +436,12 @@ def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
     RP = _rank_pad(R)
     modes = (_INTERPRET_CONFIG if INTERPRET else GPU_CONFIG)["modes"]
     write_only = tau is None and bias is None and modes["fwd_addmm"]
+    add_bias = tau is not None and bias is not None
     if write_only:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     else:
-        y = F.linear(x, weight, bias)
+        # With τ the ratio needs ‖x W0ᵀ‖ without the bias (PEFT_S eq. 4); the kernel adds the bias afterwards.
+        y = F.linear(x, weight, None if add_bias else bias)
         if not y.is_contiguous():
             y = y.contiguous()
     z = torch.empty((M, R), dtype=torch.float32, device=x.device)
@@ -449,10 +455,10 @@ def _forward_rows(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau):
     cfg = _config("fwd_rows", M, x.device, RP)
     _fwd_rows_kernel[(triton.cdiv(M, cfg["BM"]),)](
         y, x_lora, lora_A, lora_B, gram, cscale, z, ratio if ratio is not None else z, mask.view(torch.int8),
-        M, N, K, R, _tau_arg(tau, cscale),
+        bias if add_bias else z, M, N, K, R, _tau_arg(tau, cscale),
         y.stride(0), y.stride(1), x_lora.stride(0), x_lora.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
-        HAS_TAU=tau is not None, RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype),
+        HAS_TAU=tau is not None, ADD_BIAS=add_bias, RP=RP, UPCAST=INTERPRET, RTNE_BF16=_rtne(x.dtype), XPREC=_prec(x.dtype),
         PREC=_prec(x.dtype), EPS=NORM_EPS, WRITE_ONLY=write_only,
         SPLIT=_split(x.dtype, RP), **cfg)
     if write_only:

@@ -9,6 +9,8 @@ Notation (shapes use the flattened token axis M):
     cscale (M,)     float32 per-token effective scale s·β·c_i (scale × response scale × gate)
     tau             python float threshold, or None when the mask is off
 
+The ratio ρ_i = ‖d_i‖ / ‖x_i W0ᵀ‖ leaves the bias out of the denominator, as PEFT_S eq. 4 (‖M(x)‖ / ‖W0 x‖).
+
 All LoRA-side arithmetic (z, the Gram matrix, the ratio, the delta) runs in float32 (float64 when the
 inputs are float64) so that the mask decision does not depend on bf16 rounding; y0 runs in the input
 dtype, as F.linear does.
@@ -60,14 +62,18 @@ def token_ratio(z: torch.Tensor, lora_B: torch.Tensor, cscale: torch.Tensor, y0_
 def lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau: Optional[float]) -> ForwardResult:
     """Forward of the τ-masked LoRA linear on flattened tokens. No autograd graph is built."""
     cdt = compute_dtype(x.dtype)
-    y0 = F.linear(x, weight, bias)                          # (M, N), input dtype
     z = x_lora.to(cdt) @ lora_A.to(cdt).t()                 # (M, r)
     if tau is None:
+        y0 = F.linear(x, weight, bias)                      # (M, N), input dtype
         ratio = None
         mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     else:
+        # PEFT_S eq. 4 divides by ‖W0 x_i‖: the bias is not part of the denominator.
+        y0 = F.linear(x, weight)
         ratio = token_ratio(z, lora_B, cscale, y0.to(cdt).pow(2).sum(-1))
         mask = ratio >= tau
+        if bias is not None:
+            y0 = (y0.to(cdt) + bias.to(cdt)).to(x.dtype)
     active = mask.nonzero().squeeze(1)
     # The up-projection B z_i runs only for active tokens.
     delta = (z[active] @ lora_B.to(cdt).t()) * cscale[active, None]
@@ -146,7 +152,7 @@ def flex_lora_autograd(x, weight, bias, lora_A, lora_B, scale: float, *, tau=Non
         mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     else:
         with torch.no_grad():
-            ratio = token_ratio(z, lora_B, c, y0.pow(2).sum(-1))
+            ratio = token_ratio(z, lora_B, c, F.linear(x, weight).pow(2).sum(-1))
             mask = ratio >= float(tau)
     d = (z @ lora_B.t()) * c[:, None]
     y = y0 + d * mask[:, None].to(d.dtype)

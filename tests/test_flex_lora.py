@@ -101,7 +101,8 @@ def dense_spec(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, l
     c = scale * (cs if cs is not None else torch.ones(M, dtype=torch.float64))
     d = c[:, None] * (z @ Bs.t())
     with torch.no_grad():
-        ratio = d.norm(dim=1) / y0.norm(dim=1).clamp_min(reference.NORM_EPS)
+        # PEFT_S eq. 4: ‖M(x)‖ / ‖W0 x‖, the bias is not in the denominator
+        ratio = d.norm(dim=1) / (xs @ ws.t()).norm(dim=1).clamp_min(reference.NORM_EPS)
         mask = torch.ones(M, dtype=torch.bool) if tau is None else ratio >= float(tau)
     y = y0 + mask[:, None].double() * d
     out = dict(y=y.detach(), y0=y0.detach(), d=d.detach(), ratio=ratio, mask=mask)
@@ -188,7 +189,8 @@ def run_op(x, weight, bias, lora_A, lora_B, scale, gy, *, tau=None, coef=None, l
 def test_matches_dense_spec(backend, dtype, masked, variant):
     M, K, N, r, scale, lam = 33, 47, 29, 8, 0.7, 1e-3
     with_bias = variant == "bias_coef"
-    x, w, b, A, B = make_inputs(M, K, N, r, dtype, bias=with_bias, seed=1)
+    # seed 4: the ratios leave a gap around the median wide enough for every dtype (pick_tau)
+    x, w, b, A, B = make_inputs(M, K, N, r, dtype, bias=with_bias, seed=4)
     coef = rand(M, dtype=dtype) + 0.25 if with_bias else None
     gy = randn(M, N, dtype=dtype)
     tau = None
