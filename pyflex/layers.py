@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import tau_lambda
 from .ops import flex_lora, sparsity, verify_taus
-
 from .tau import make_tau
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
@@ -45,6 +45,11 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """fp32 master adapters on 16-bit bases (as PEFT), the base dtype otherwise (float32 / float64)."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
 class FlexLinear(nn.Module):
     """A base linear with a (τ-masked, optionally gated) LoRA adapter.
 
@@ -57,10 +62,11 @@ class FlexLinear(nn.Module):
         dropout: dropout probability on the LoRA input (training mode only), as PEFT.
         tau: create the PEFT_S threshold τ (initial value ``tau0``) and apply the token mask.
         lam: PEFT_S λ ≥ 0 (eq. 15).
-        adapter_dtype: dtype of lora_A/lora_B. Default: the base weight's dtype. Another dtype (e.g. float32
-            adapters on a bf16 base) is allowed: the op needs one dtype, so the adapters are cast to the
-            compute dtype on every call (a differentiable cast of r·(in+out) elements; gradients reach the
-            stored fp32 parameters).
+        adapter_dtype: dtype of lora_A/lora_B. Default: float32 on float16/bfloat16 bases (master weights, as PEFT
+            keeps them: 16-bit adapters under AdamW overflow to NaN), the base dtype otherwise. The op computes in
+            the activation dtype: the small r×in and out×r adapter matrices are cast to it on every call (a
+            differentiable cast of r·(in+out) elements, never an activation; gradients reach the stored fp32
+            parameters).
 
     Shapes: x (..., in) → y (..., out), dtype of the base weight (or the autocast dtype under autocast).
 
@@ -111,8 +117,8 @@ class FlexLinear(nn.Module):
         self.dropout = float(dropout)
         self.lam = float(lam)
         self.tau0 = float(tau0)
-        dtype = adapter_dtype or base.weight.dtype
-        if not dtype.is_floating_point:
+        dtype = adapter_dtype or default_adapter_dtype(base.weight.dtype)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"adapter_dtype={dtype} is not allowed; use a floating dtype")
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))
@@ -128,6 +134,11 @@ class FlexLinear(nn.Module):
         self.adapter_enabled = True
         self.merged = False
         self.last_mask: Optional[torch.Tensor] = None
+        self.last_token_valid: Optional[torch.Tensor] = None
+        # Padding mask of the model's current forward (pyflex.token_context), set by patch_model; None: all real.
+        self.token_context = None
+        # Gradient collects Σ m_i over real tokens for τ's λ term, added at the optimizer step (pyflex.tau_lambda).
+        self.tau_count_sink: Optional[torch.Tensor] = tau_lambda.new_count_sink(device) if tau else None
         # Every τ of the patched model (set by patch_model), so that one host read checks them all after a step.
         self.tau_peers: list = []
         self.reset_adapter_parameters()
@@ -159,7 +170,7 @@ class FlexLinear(nn.Module):
     def last_sparsity(self) -> Optional[float]:
         """PEFT_S eq. 23 for the last forward: fraction of tokens whose delta was not applied. None when τ is
         off or before the first forward. Computed lazily from ``last_mask`` (the only device sync)."""
-        return None if self.last_mask is None else sparsity(self.last_mask)
+        return None if self.last_mask is None else sparsity(self.last_mask, self.last_token_valid)
 
     def adapter_parameters(self):
         """lora_A, lora_B, tau (if any) and the gate's parameters (if any)."""
@@ -207,13 +218,40 @@ class FlexLinear(nn.Module):
             verify_taus(self.tau_peers or [self.tau])
         coef = None if self.gate is None else self.gate(x)
         scale = self.scaling * float(self.response_scale)
+        valid = sink = None
+        if self.tau is not None:
+            valid = self._token_valid(x)
+            sink = self._count_sink(x.device)
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             # under torch.compile flex_lora runs as opaque custom ops, so a patched model compiles without breaks
             y, mask = flex_lora(x, weight, bias, lora_A, lora_B, scale, tau=self.tau, coef=coef, lam=self.lam,
-                                dropout_p=self.dropout if self.training else 0.0, return_mask=True)
+                                dropout_p=self.dropout if self.training else 0.0, token_valid=valid,
+                                count_sink=sink, return_mask=True)
         if self.tau is not None:
             self.last_mask = mask.detach()  # stays on device; last_sparsity reads it lazily
+            self.last_token_valid = valid
         return y
+
+    def _token_valid(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """(x.shape[:-1]) bool, False for padding tokens, from the model's token context; None when unknown."""
+        ctx = self.token_context
+        if ctx is None or x.dim() != 3:
+            return None
+        real = ctx.token_mask(x.shape[0], x.shape[1])
+        return None if real is None else real.to(x.device)
+
+    def _count_sink(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The count sink when this forward trains τ (it receives Σ m_i in backward), else None."""
+        if not (self.tau.requires_grad and torch.is_grad_enabled()):
+            return None
+        sink = self.tau_count_sink
+        if not torch.compiler.is_compiling():
+            if sink is None or sink.device != device:  # created at init; follows the module across .to(device)
+                sink = self.tau_count_sink = tau_lambda.new_count_sink(device)
+            elif sink.grad is not None and self.tau.grad is None:
+                sink.grad = None  # zero_grad() ran without an optimizer step (e.g. a skipped GradScaler step)
+            tau_lambda.track(self.tau, self)
+        return sink
 
     # ------------------------------------------------------------------------------------------
     def _check_mergeable(self) -> None:

@@ -196,12 +196,40 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropou
         raise ValueError(f"dropout_p={dropout_p} is not allowed; it must be in [0, 1)")
 
 
+def _check_tau_accounting(x, tau, token_valid, count_sink):
+    if token_valid is not None:
+        if not isinstance(token_valid, torch.Tensor) or token_valid.dtype != torch.bool:
+            raise TypeError(f"token_valid must be a bool tensor of shape x.shape[:-1] or None, got "
+                            f"{token_valid.dtype if isinstance(token_valid, torch.Tensor) else type(token_valid).__name__}")
+        if tuple(token_valid.shape) != tuple(x.shape[:-1]) or token_valid.device != x.device:
+            raise ValueError(f"token_valid has shape {tuple(token_valid.shape)} on {token_valid.device}; it must have "
+                             f"shape x.shape[:-1]={tuple(x.shape[:-1])} on {x.device}")
+    if count_sink is not None:
+        if tau is None:
+            raise ValueError("count_sink is given but tau is None; the sink counts the tokens of the τ mask")
+        if not isinstance(count_sink, torch.Tensor) or count_sink.dim() != 0 or \
+                not count_sink.dtype.is_floating_point:
+            raise TypeError("count_sink must be a 0-dim floating tensor that requires grad, or None")
+
+
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
-def _tau_gradient(backend, uz, cscale, mask, lam):
-    """The τ surrogate gradient from the backend when it has one (Triton: one launch), else the reference."""
-    return getattr(backend, "tau_gradient", reference.tau_gradient)(uz, cscale, mask, lam)
+def _tau_gradient(tau_gradient_fn, uz, cscale, mask, lam, valid, has_sink):
+    """−g of PEFT_S eq. 14-17 over the real tokens (``valid`` (M,) bool or None for all).
+
+    Padding tokens count in neither term: their μ is zeroed and they are never "active". With a count sink the λ
+    term is left out here (it goes to the sink's gradient, see :func:`flex_lora`)."""
+    if valid is not None:
+        uz = uz * valid.to(uz.dtype)
+        mask = mask & valid
+    return tau_gradient_fn(uz, cscale, mask, 0.0 if has_sink else lam)
+
+
+def _active_count(mask, valid, sink):
+    """The sink's gradient: how many real tokens had the delta applied (the λ term's count), in sink's dtype."""
+    active = mask if valid is None else mask & valid
+    return active.sum().to(sink.dtype).reshape(sink.shape)
 
 
 def _run_forward(backend, x, weight, bias, lora_A, lora_B, coef, tau_value, scale, dropout_scale):
@@ -220,7 +248,8 @@ class FlexLoraFunction(torch.autograd.Function):
     :func:`resolve_backend` returned for x's device (resolved once per call)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, tau, tau_value, scale, lam, dropout_scale, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, tau, tau_value, scale, lam, dropout_scale, backend,
+                valid, sink):
         result, cscale, x_lora = _run_forward(backend, x, weight, bias, lora_A, lora_B, coef, tau_value, scale,
                                               dropout_scale)
         y, z, mask = result[0], result[1], result[3]
@@ -239,18 +268,20 @@ class FlexLoraFunction(torch.autograd.Function):
             z if keep_z else None,
             cscale, mask,
             dropout_scale if needs[0] else None,
+            valid,
         )
         ctx.flags = dict(need_dx=needs[0], need_dweight=needs[1], need_dbias=bias is not None and needs[2],
                          need_adapter=need_adapter, need_uz=need_uz)
         ctx.scale, ctx.lam, ctx.backend = float(scale), float(lam), backend
         ctx.coef_dtype = None if coef is None else coef.dtype
         ctx.tau_meta = None if tau is None else (tau.shape, tau.dtype, tau.device)
+        ctx.sink = sink
         ctx.mark_non_differentiable(mask)
         return y, mask
 
     @staticmethod
     def backward(ctx, gy, _gmask):
-        x, weight, lora_A, lora_B, x_lora, z, cscale, mask, dropout_scale = ctx.saved_tensors
+        x, weight, lora_A, lora_B, x_lora, z, cscale, mask, dropout_scale, valid = ctx.saved_tensors
         flags = ctx.flags
         if x_lora is None and flags["need_adapter"]:
             x_lora = x
@@ -258,13 +289,16 @@ class FlexLoraFunction(torch.autograd.Function):
         res = backend.lora_backward(gy.contiguous(), x, weight, lora_A, lora_B, x_lora, z, cscale, mask,
                                     dropout_scale=dropout_scale, **flags)
         dx, dweight, dbias, dA, dB, uz = res
-        dcoef = dtau = None
+        dcoef = dtau = dsink = None
         if ctx.coef_dtype is not None and ctx.needs_input_grad[5]:
             dcoef = (mask.to(uz.dtype) * uz * ctx.scale).to(ctx.coef_dtype)
         if ctx.tau_meta is not None and ctx.needs_input_grad[6]:
             shape, dtype, device = ctx.tau_meta
-            dtau = _tau_gradient(backend, uz, cscale, mask, ctx.lam).reshape(shape).to(dtype=dtype, device=device)
-        return dx, dweight, dbias, dA, dB, dcoef, dtau, None, None, None, None, None
+            dtau = _tau_gradient(getattr(backend, "tau_gradient", reference.tau_gradient), uz, cscale, mask,
+                                 ctx.lam, valid, ctx.sink is not None).reshape(shape).to(dtype=dtype, device=device)
+        if ctx.sink is not None and ctx.needs_input_grad[13]:
+            dsink = _active_count(mask, valid, ctx.sink)
+        return dx, dweight, dbias, dA, dB, dcoef, dtau, None, None, None, None, None, None, dsink
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,9 +321,11 @@ def _host_tau(tau: Optional[torch.Tensor], device: torch.device, backend_name: s
 @torch.library.custom_op("pyflex::lora_forward", mutates_args=())
 def _lora_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                      lora_B: torch.Tensor, cscale: torch.Tensor, tau: Optional[torch.Tensor],
-                     dropout_scale: Optional[torch.Tensor], lam: float, backend_name: str
+                     dropout_scale: Optional[torch.Tensor], lam: float, backend_name: str,
+                     valid: Optional[torch.Tensor], sink: Optional[torch.Tensor]
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # lam is unused here: it is an input so that the backward (setup_context) sees it
+    # lam, valid and sink are unused here: they are inputs so that the backward (setup_context) sees them and
+    # sink receives its gradient
     _, backend = resolve_backend(x.device, backend_name)
     x_lora = x if dropout_scale is None else x * dropout_scale
     result = backend.lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale,
@@ -298,7 +334,7 @@ def _lora_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 @_lora_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name):
+def _(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name, valid, sink):
     cdt = reference.compute_dtype(x.dtype)
     M = x.shape[0]
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=cdt),
@@ -335,37 +371,41 @@ def _(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, need_dx, ne
 
 
 def _compiled_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name = inputs
+    x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name, valid, sink = inputs
     _, z, mask = output
     needs = ctx.needs_input_grad
     ctx.flags = dict(need_dx=needs[0], need_dweight=needs[1], need_dbias=bias is not None and needs[2],
                      need_adapter=needs[3] or needs[4],
                      need_uz=(tau is not None and needs[6]) or needs[5])
     ctx.backend_name, ctx.lam = backend_name, lam
-    ctx.has_tau, ctx.has_bias = tau is not None, bias is not None
+    ctx.has_tau, ctx.has_bias, ctx.has_sink = tau is not None, bias is not None, sink is not None
     flags = ctx.flags
     # As in eager: save only what the backward that will run reads (a frozen adapter saves no x and no z).
     ctx.save_for_backward(x if flags["need_dweight"] or flags["need_adapter"] else None,
                           weight if flags["need_dx"] else None, lora_A if flags["need_dx"] else None, lora_B,
                           z if flags["need_adapter"] or flags["need_uz"] else None, cscale, mask,
-                          dropout_scale, tau)
+                          dropout_scale, tau, valid, sink)
 
 
 def _compiled_backward(ctx, gy, _gz, _gmask):
-    x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, tau = ctx.saved_tensors
+    x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, tau, valid, sink = ctx.saved_tensors
     dx, dweight, dbias, dA, dB, uz = _lora_backward_op(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale,
                                                        backend_name=ctx.backend_name, **ctx.flags)
     needs = ctx.needs_input_grad
     dcscale = (mask.to(uz.dtype) * uz) if needs[5] else None      # ∂y_i/∂cscale_i = m_i·B z_i
-    dtau = None
+    dtau = dsink = None
     if ctx.has_tau and needs[6]:
         # plain torch here: AOT autograd traces this backward, and inductor fuses these few elementwise ops
-        dtau = reference.tau_gradient(uz, cscale, mask, ctx.lam).reshape(tau.shape).to(tau.dtype)
+        dtau = _tau_gradient(reference.tau_gradient, uz, cscale, mask, ctx.lam, valid,
+                             ctx.has_sink).reshape(tau.shape).to(tau.dtype)
+    if ctx.has_sink and needs[11]:
+        dsink = _active_count(mask, valid, sink)
     return (dx if needs[0] else None, dweight if needs[1] else None, dbias if ctx.flags["need_dbias"] else None,
-            dA if needs[3] else None, dB if needs[4] else None, dcscale, dtau, None, None, None)
+            dA if needs[3] else None, dB if needs[4] else None, dcscale, dtau, None, None, None, None, dsink)
 
 
-def _compiled_flex_lora(x2, weight, bias, lora_A, lora_B, coef2, tau, scale, lam, dropout_scale, backend_name):
+def _compiled_flex_lora(x2, weight, bias, lora_A, lora_B, coef2, tau, scale, lam, dropout_scale, backend_name, valid,
+                        sink):
     """The op as dynamo traces it: cscale = scale·coef is a differentiable torch expression, so coef's gradient flows
     through it (∂L/∂cscale_i = m_i·u_i·z_i)."""
     cdt = reference.compute_dtype(x2.dtype)
@@ -374,7 +414,7 @@ def _compiled_flex_lora(x2, weight, bias, lora_A, lora_B, coef2, tau, scale, lam
     else:
         cscale = coef2.to(cdt) * float(scale)
     y, _, mask = _lora_forward_op(x2, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, float(lam),
-                                  backend_name)
+                                  backend_name, valid, sink)
     return y, mask
 
 
@@ -388,7 +428,7 @@ def _backend_name_for(device: torch.device) -> str:
 
 
 def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, lam=0.0, dropout_p=0.0,
-              return_mask=False):
+              token_valid=None, count_sink=None, return_mask=False):
     """τ-masked LoRA linear: ``y_i = x_i W0ᵀ + b + m_i · scale · c_i · B A dropout(x_i)``.
 
     Args:
@@ -402,24 +442,33 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
         coef: (...,) per-token coefficient c_i ≥ 0 (the HLPT gate), or None for 1.
         lam: λ ≥ 0, the proximity strength of eq. 15 (pushes τ up by λ per active token).
         dropout_p: dropout on the LoRA path only, as PEFT does; applied whenever > 0.
+        token_valid: (...,) bool, False for padding tokens, or None (every token is real). Padding tokens count in
+            neither term of τ's gradient; their outputs are computed as usual.
+        count_sink: 0-dim floating leaf tensor that requires grad, or None. When given, the λ term is left out of
+            τ's gradient and the sink's gradient receives instead the number of real tokens whose delta was applied
+            (Σ m_i). The λ term is a count, not a gradient of the loss: a caller that scales or averages gradients
+            (GradScaler, DDP) adds −λ·count to τ.grad itself at the optimizer step (pyflex.tau does this for
+            FlexLinear).
         return_mask: also return the bool mask (...,), True where the delta was applied.
 
     Returns:
         y (..., N), or (y, mask).
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropout_p)
+    _check_tau_accounting(x, tau, token_valid, count_sink)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     coef2 = None if coef is None else coef.reshape(-1)
+    valid = None if token_valid is None else token_valid.reshape(-1)
     dropout_scale = None
     if dropout_p > 0:
         keep = torch.rand_like(x2, dtype=torch.float32) >= dropout_p
         dropout_scale = keep.to(x2.dtype) / (1.0 - dropout_p)
     if torch.compiler.is_compiling():
         y, mask = _compiled_flex_lora(x2, weight, bias, lora_A, lora_B, coef2, tau, scale, lam, dropout_scale,
-                                      _backend_name_for(x.device))
+                                      _backend_name_for(x.device), valid, count_sink)
     else:
         backend_name, backend = resolve_backend(x.device)
         # On CUDA the kernels read τ on the device; its finiteness is checked once per change of τ (verify_taus),
@@ -428,7 +477,7 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x2, weight, bias, lora_A, lora_B, coef2, tau)):
             y, mask = FlexLoraFunction.apply(x2, weight, bias, lora_A, lora_B, coef2, tau, tau_value, float(scale),
-                                             float(lam), dropout_scale, backend)
+                                             float(lam), dropout_scale, backend, valid, count_sink)
         else:  # inference (generate, decode): the same forward without autograd.Function's per-call cost
             result = _run_forward(backend, x2, weight, bias, lora_A, lora_B, coef2, tau_value, scale,
                                   dropout_scale)[0]
@@ -461,8 +510,12 @@ def verify_taus(taus) -> None:
             t._pyflex_checked_version = t._version
 
 
-def sparsity(mask: torch.Tensor) -> float:
-    """PEFT_S eq. 23: the fraction of tokens whose delta was not applied (0.0 for no tokens)."""
+def sparsity(mask: torch.Tensor, token_valid: Optional[torch.Tensor] = None) -> float:
+    """PEFT_S eq. 23: the fraction of real tokens whose delta was not applied (0.0 for no tokens).
+
+    mask and token_valid (padding = False; None for all real) have one shape."""
+    if token_valid is not None:
+        mask = mask[token_valid]
     if mask.numel() == 0:
         return 0.0
     return 1.0 - mask.float().mean().item()

@@ -1,0 +1,72 @@
+"""PEFT_S's λ term of τ's gradient, added at the optimizer step so that it scales like every other gradient.
+
+τ's gradient (eq. 14-17) is −Σ_i (1[(μ_i ≥ 0) == m_i]·μ_i + m_i·λ). The μ part is a gradient of the loss: it
+scales with a GradScaler's loss scale, is averaged by DDP like every gradient and sums over gradient-accumulation
+micro-batches. The λ part is a count of active tokens, not a function of the loss: added in backward it would be
+divided away by ``GradScaler.unscale_`` and divided by the world size under DDP.
+
+So FlexLinear sends the count to a small "count sink" tensor (its gradient is Σ m_i over real tokens, accumulated
+by autograd across micro-batches) and a process-wide optimizer step pre-hook adds −λ·count to τ.grad right before
+the step, after unscaling, after DDP's averaging, with the counts summed over ranks (one all-reduce per step for
+all τ of the optimizer). The update then equals the single-process fp32 one on the union batch.
+
+Stale counts: a window whose step never ran (a GradScaler step skipped for inf/nan) is dropped at the next forward
+that finds τ.grad reset to None by ``zero_grad()`` (PyTorch's default ``set_to_none=True``, which the HF Trainer
+uses). With ``zero_grad(set_to_none=False)`` such a count would carry into the next step.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import List
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+OWNER_ATTR = "_pyflex_count_owner"  # on τ: weakref to the FlexLinear whose count sink holds its λ count
+_step_hook = None
+
+
+def new_count_sink(device) -> torch.Tensor:
+    """A 0-dim float32 leaf whose gradient collects a layer's active-token count."""
+    return torch.zeros((), dtype=torch.float32, device=device, requires_grad=True)
+
+
+def track(tau: torch.Tensor, layer) -> None:
+    """Route ``tau``'s λ term through ``layer`` (a FlexLinear with ``lam`` and ``tau_count_sink``)."""
+    owner = getattr(tau, OWNER_ATTR, None)
+    if owner is None or owner() is not layer:
+        setattr(tau, OWNER_ATTR, weakref.ref(layer))
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_pre_hook(_add_lambda_terms)
+
+
+def _taus_of(optimizer) -> List[torch.Tensor]:
+    """The optimizer's τ parameters, cached per optimizer until its parameter count changes."""
+    count = sum(len(g["params"]) for g in optimizer.param_groups)
+    cached = optimizer.__dict__.get("_pyflex_taus")
+    if cached is None or cached[0] != count:
+        taus = [p for g in optimizer.param_groups for p in g["params"] if getattr(p, OWNER_ATTR, None) is not None]
+        cached = optimizer.__dict__["_pyflex_taus"] = (count, taus)
+    return cached[1]
+
+
+def _add_lambda_terms(optimizer, args, kwargs) -> None:
+    pending = []
+    for tau in _taus_of(optimizer):
+        layer = getattr(tau, OWNER_ATTR)()
+        sink = None if layer is None else layer.tau_count_sink
+        if sink is not None and sink.grad is not None:
+            pending.append((tau, layer, sink))
+    if not pending:
+        return
+    device = pending[0][2].grad.device
+    counts = torch.stack([sink.grad.reshape(()).to(device) for _, _, sink in pending])
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        # DDP/FSDP average gradients over ranks; the λ count is a sum over all tokens of the global batch.
+        torch.distributed.all_reduce(counts)
+    for (tau, layer, sink), count in zip(pending, counts):
+        if tau.grad is not None:
+            tau.grad.add_((-layer.lam * count).to(device=tau.grad.device, dtype=tau.grad.dtype).reshape(tau.grad.shape))
+        sink.grad = None
