@@ -58,18 +58,30 @@ def _load_triton(device: torch.device):
     """Import the Triton launchers. CPU tensors need the interpreter, which must be chosen before
     triton decorates any kernel, so it is switched on here when the module is not yet imported."""
     name = "pyflex.kernels.flex_lora"
-    if device.type == "cpu":
-        already = name in importlib.sys.modules
-        if not already:
-            os.environ["TRITON_INTERPRET"] = "1"
-        elif os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                "backend 'triton' was asked for CPU tensors, but the Triton kernels were already compiled for the "
-                "GPU in this process; set TRITON_INTERPRET=1 before importing pyflex to run them on CPU")
+    if device.type == "cpu" and not triton_interpreting():
+        # triton decides between compiling and interpreting when it decorates a kernel, its own standard library
+        # included, and torch imports triton early (torch._dynamo): the switch cannot be flipped in a running
+        # process.
+        raise RuntimeError(
+            "backend 'triton' was asked for CPU tensors, which needs the Triton interpreter, but triton was imported "
+            "without it. Set TRITON_INTERPRET=1 in the environment before starting Python (pyflex sets it itself "
+            "when PYFLEX_BACKEND=triton is in the environment at import and no CUDA device is present)")
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         raise RuntimeError(f"backend 'triton' is not available: {type(exc).__name__}: {exc}") from exc
+
+
+def triton_interpreting() -> bool:
+    """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 seen when triton was imported)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def current_backend_name() -> str:

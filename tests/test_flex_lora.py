@@ -822,3 +822,36 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     assert rms_ratio(y_c, y) < 1e-6
     for name, g, g_c in zip(("x", "bias", "lora_A", "lora_B", "coef", "tau"), grads, grads_c):
         assert rms_ratio(g_c, g) < 1e-6, name
+
+
+# --------------------------------------------------------------------------------------------------
+# the Triton interpreter switch, in fresh processes (this one has it on already)
+# --------------------------------------------------------------------------------------------------
+_TRITON_ON_CPU = """
+import torch, pyflex
+x, w, A, B = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+{call}
+torch.testing.assert_close(y, x @ w.t() + (x @ A.t()) @ B.t())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the triton backend compiles the kernels")
+@pytest.mark.parametrize("how", ["env", "use_backend"])
+def test_triton_backend_on_cpu_without_exporting_triton_interpret(how):
+    """PYFLEX_BACKEND=triton runs on CPU tensors without TRITON_INTERPRET in the environment; use_backend('triton')
+    in a process whose triton was imported without the interpreter says what to set."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYFLEX_BACKEND")}
+    if how == "env":
+        env["PYFLEX_BACKEND"] = "triton"
+        call = "y = pyflex.flex_lora(x, w, None, A, B, 1.0)"
+    else:
+        call = "with pyflex.use_backend('triton'):\n    y = pyflex.flex_lora(x, w, None, A, B, 1.0)"
+    proc = subprocess.run([sys.executable, "-c", _TRITON_ON_CPU.format(call=call)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if how == "env":
+        assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    else:
+        assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
