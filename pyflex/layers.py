@@ -139,6 +139,8 @@ class FlexLinear(nn.Module):
         self.token_context = None
         # Gradient collects Σ m_i over real tokens for τ's λ term, added at the optimizer step (pyflex.tau_lambda).
         self.tau_count_sink: Optional[torch.Tensor] = tau_lambda.new_count_sink(device) if tau else None
+        if tau:  # here too, not only in forward: a compiled forward cannot set attributes on τ
+            tau_lambda.track(self.tau, self)
         # Every τ of the patched model (set by patch_model), so that one host read checks them all after a step.
         self.tau_peers: list = []
         self.reset_adapter_parameters()

@@ -259,3 +259,17 @@ def test_fp16_base_trains_50_adamw_steps_without_nan():
 def test_bf16_base_loss_goes_down():
     losses = _train_losses(torch.bfloat16, 20, lr=1e-2)
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_torch_compile_adds_the_lambda_term_like_eager():
+    eager, compiled_model = _tau_model(tau0=0.5), _tau_model(tau0=0.5)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    ids = tokens(batch=2, seq=6)
+    grads = []
+    for model, run in ((eager, eager), (compiled_model, compiled)):
+        opt = _opt(model)
+        opt.zero_grad()
+        _causal_loss(run, ids).backward()
+        opt.step()
+        grads.append(_tau_grads(model))
+    _assert_taus_equal(grads[1], grads[0], rtol=1e-4)
