@@ -15,7 +15,14 @@ from typing import Dict, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["FamilySpec", "FAMILIES", "family_spec", "supported_families", "resolve_layers", "unknown_family_message"]
+__all__ = ["FamilySpec", "FAMILIES", "TASK_HEADS", "family_spec", "supported_families", "resolve_layers",
+           "unknown_family_message"]
+
+# Names transformers gives the task heads it creates newly initialised on top of a pretrained body, whatever the
+# family: ``score`` (sequence/token classification of the decoder families), ``classifier`` (BERT-style
+# sequence/token classification, GPT-2 token classification), ``qa_outputs`` (extractive QA). A fine-tune that
+# leaves such a head frozen trains no head; patch_model warns unless it is targeted or in ``modules_to_save``.
+TASK_HEADS = ("score", "classifier", "qa_outputs")
 
 
 @dataclass(frozen=True)

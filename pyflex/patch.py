@@ -5,6 +5,7 @@ Per-family knowledge (layer list, projection names) comes from :mod:`pyflex.mode
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -14,12 +15,18 @@ from . import gated_mlp
 from .fused_ops import fused_ops, liger_act_mul
 from .handles import REGISTRY_ATTR, LayerRegistry
 from .layers import FlexLinear, is_linear_like
-from .models import FAMILIES, resolve_layers, supported_families
+from .models import FAMILIES, TASK_HEADS, resolve_layers, supported_families
+from .token_context import install_token_context, remove_token_context
 
-__all__ = ["patch_model", "unpatch", "merge", "get_registry", "is_patched", "find_targets"]
+__all__ = ["patch_model", "unpatch", "merge", "get_registry", "is_patched", "find_targets", "DEFAULT_LAM"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
 _ROLE_TARGETS = ("attention", "ffn", "ffn_down")
+
+# PEFT_S λ when tau=True and lam is not given: the paper's value for LoRA_S on LLaMA3-8B (Table 1), the run whose
+# s = 4e-5 is also pyflex's default τ step size (pyflex.tau.TAU_S). Every experiment of the paper has λ > 0, chosen
+# from [1e-7, 1e-3]; λ = 0 drops eq. 15's pressure towards sparsity.
+DEFAULT_LAM = 4.5e-5
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -128,13 +135,16 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]] = "
 
 def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool = False, dropout: float = 0.0,
                 target_modules: Union[str, Sequence[str]] = "all-linear", layers: Union[None, int, Iterable[int]] = None,
-                tau: bool = False, lam: float = 0.0, tau0: float = 0.0, bias: str = "none",
+                tau: bool = False, lam: Optional[float] = None, tau0: float = 0.0, bias: str = "none",
                 adapter_dtype: Optional[torch.dtype] = None, train_bias: bool = False,
-                layers_path: Optional[str] = None, recompute_mlp: Optional[bool] = None) -> nn.Module:
+                layers_path: Optional[str] = None, recompute_mlp: Optional[bool] = None,
+                modules_to_save: Optional[Sequence[str]] = None) -> nn.Module:
     """Replace the target linears of ``model`` by :class:`~pyflex.FlexLinear` in place and return ``model``.
 
-    Afterwards only the adapter parameters (lora_A, lora_B, tau) require grad, plus biases if asked.
-    Base parameter names and values are unchanged (``...q_proj.weight`` stays ``...q_proj.weight``).
+    Afterwards only the adapter parameters (lora_A, lora_B, tau) require grad, plus biases and the modules to save
+    if asked. Base parameter names and values are unchanged (``...q_proj.weight`` stays ``...q_proj.weight``). Each
+    FlexLinear takes the train/eval mode of the module it replaces (so a model patched in eval mode applies no
+    dropout).
 
     Args:
         r, alpha, rslora, dropout: LoRA rank, α, rsLoRA scaling (α/√r), dropout on the LoRA input (as PEFT).
@@ -147,10 +157,15 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
             any other string: a regex that must fully match the qualified module name (PEFT's rule), tried on
                               Linear/Conv1D modules only.
         layers: None (all), an int, a range or list of layer indices: only modules inside these layers.
-        tau, lam, tau0: PEFT_S token mask with trainable threshold τ (initial tau0) and λ.
+        tau: PEFT_S token mask with a trainable threshold τ, initial value ``tau0``.
+        lam: PEFT_S λ (eq. 15), only with ``tau=True`` (passing it otherwise is an error). None means
+            :data:`DEFAULT_LAM` = 4.5e-5, the paper's λ for LoRA_S on LLaMA3-8B (Table 1, with s = 4e-5, the τ step
+            scale pyflex uses by default); the paper uses λ > 0 in every experiment, from [1e-7, 1e-3]. The
+            resolved value is ``get_registry(model).config["lam"]`` (0.0 when τ is off) and is what
+            :func:`pyflex.save_adapter` saves.
         bias: "none" (all biases frozen), "all" (every bias in the model trains), "lora_only" (biases of patched
             linears train). ``train_bias=True`` is the same as ``bias="lora_only"``.
-        adapter_dtype: dtype of lora_A/lora_B; default the base weight dtype (see FlexLinear).
+        adapter_dtype: dtype of lora_A/lora_B; default: FlexLinear's.
         layers_path: dotted path (from ``model``) of the layer ModuleList, for families outside pyflex.models.
         recompute_mlp: gated-MLP activation memory (:mod:`pyflex.gated_mlp`): every layer's MLP keeps only the
             gate and up outputs for backward and rebuilds act(gate) and down_proj's input there (bitwise equal to
@@ -158,6 +173,22 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
             None (default): on for families with a gated MLP (Llama, Mistral, Qwen2/3, Gemma2, Phi-3), off
             otherwise; True: required (error for other families); False: off. Saves one (tokens × intermediate)
             tensor per layer, two where down_proj has an adapter.
+        modules_to_save: names of whole modules that train fully, e.g. ``["score"]`` for a classification head.
+            PEFT's name rule (the qualified name equals an entry or ends with ``"." + entry``); every entry must
+            match a module with parameters, none may hold or be a target, and none may share a parameter with a
+            module outside it (tied weights). All their parameters require grad; they are registry adapters (of
+            their layer's handle, or ``extra_adapters`` outside the layers), so ``registry.adapter_parameters()``,
+            :func:`pyflex.save_adapter` / :func:`pyflex.load_adapter` and the PEFT export (PEFT's
+            ``modules_to_save``) include them. They train in place (PEFT trains a copy): :func:`unpatch` restores
+            their ``requires_grad``, not their values.
+
+    A task head transformers creates newly initialised (a module named as in :data:`pyflex.models.TASK_HEADS`:
+    ``score``, ``classifier``, ``qa_outputs``) that is neither targeted nor in ``modules_to_save`` would stay
+    frozen: patch_model warns, naming it.
+
+    ``model.save_pretrained(dir)`` on a patched transformers model writes the patched state dict (what HF Trainer
+    checkpoints and resumes) and pyflex's adapter files; ``from_pretrained(dir)`` alone gives the unpatched base
+    model, ``pyflex.load_adapter(from_pretrained(dir), dir)`` the patched one (see :class:`_SavePretrained`).
 
     Patching twice is an error: call :func:`unpatch` (or :func:`merge`) first, then patch with the new settings.
     """
@@ -170,7 +201,12 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
         if bias == "all":
             raise ValueError("train_bias=True conflicts with bias='all'; use one of them")
         bias = "lora_only"
+    if lam is not None and not tau:
+        raise ValueError(f"lam={lam!r} is given with tau={tau!r}: λ only acts through the PEFT_S τ mask; pass "
+                         "tau=True as well, or leave lam out")
+    lam = (DEFAULT_LAM if lam is None else lam) if tau else 0.0
     targets = find_targets(model, target_modules, layers, layers_path)
+    saved = _resolve_modules_to_save(model, modules_to_save, targets)
     layer_list, spec = resolve_layers(model, layers_path)
     mlp_kind = _gated_mlp_kind(model, spec, recompute_mlp, layer_list)
     names_by_id = {id(m): n for n, m in model.named_modules()}
@@ -180,7 +216,7 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
     modules = dict(model.named_modules())
     flex: Dict[str, FlexLinear] = {
         name: FlexLinear(modules[name], r=r, alpha=alpha, rslora=rslora, dropout=dropout, tau=tau, lam=lam,
-                         tau0=tau0, adapter_dtype=adapter_dtype)
+                         tau0=tau0, adapter_dtype=adapter_dtype).train(modules[name].training)
         for name in targets
     }
     taus = [layer.tau for layer in flex.values() if layer.tau is not None]
@@ -192,6 +228,8 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
     for name, layer in flex.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for name in saved:
+        modules[name].requires_grad_(True)
     if mlp_kind:
         fused = fused_ops(model)
         act_mul = liger_act_mul(fused["mlp"]) if fused.get("swiglu") else None
@@ -208,23 +246,103 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
 
     registry = LayerRegistry(model, list(layer_list), block_names, spec=spec,
                              layers_path=layers_path or _common_prefix(block_names))
-    for name, layer in flex.items():
+    for name, module in [*flex.items(), *((n, modules[n]) for n in saved)]:
         for handle in registry.layers:
             if name.startswith(handle.name + "."):
-                handle.add_adapter(name, layer)
+                handle.add_adapter(name, module)
                 break
         else:
-            registry.extra_adapters[name] = layer
+            registry.extra_adapters[name] = module
     registry.config = dict(r=r, alpha=float(alpha), rslora=bool(rslora), dropout=float(dropout), tau=bool(tau),
                            lam=float(lam), tau0=float(tau0), bias=bias,
                            adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).replace("torch.", ""),
                            target_modules=list(targets), layers_path=registry.layers_path,
-                           recompute_mlp=bool(mlp_kind),
+                           recompute_mlp=bool(mlp_kind), modules_to_save=list(saved),
                            model_type=getattr(getattr(model, "config", None), "model_type", None))
     registry._orig_requires_grad = orig_requires_grad
     registry._attach_hooks()
+    token_context = install_token_context(model)
+    for layer in flex.values():
+        layer.token_context = token_context
     object.__setattr__(model, REGISTRY_ATTR, registry)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        object.__setattr__(model, "save_pretrained", _SavePretrained(model))
+    heads = _frozen_task_heads(model, targets + saved)
+    if heads:
+        leaves = [h.rpartition(".")[2] for h in heads]
+        warnings.warn(f"pyflex.patch_model: {', '.join(map(repr, heads))} looks like a newly initialised task head and "
+                      "is neither targeted nor in modules_to_save, so it stays frozen and this fine-tune trains no "
+                      f"head. Pass modules_to_save={leaves!r} to train it fully (PEFT's modules_to_save), or name it "
+                      "in target_modules for a LoRA on it", UserWarning, stacklevel=2)
     return model
+
+
+def _resolve_modules_to_save(model: nn.Module, modules_to_save, targets: List[str]) -> List[str]:
+    """Qualified names of the modules ``modules_to_save`` selects (outermost ones, in model order); every check runs
+    before the model is touched."""
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, str) or not isinstance(modules_to_save, (list, tuple, set, frozenset)):
+        raise TypeError(f"modules_to_save={modules_to_save!r} must be None or a list of module names, e.g. ['score']")
+    all_modules = [(n, m) for n, m in model.named_modules() if n]
+    found: List[str] = []
+    for entry in modules_to_save:
+        if not isinstance(entry, str) or not entry:
+            raise TypeError(f"modules_to_save entries must be non-empty str, got {entry!r}")
+        hits = [n for n, _ in all_modules if _name_matches(n, entry)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module; it must equal a module name or its "
+                             "dotted suffix (e.g. 'score' or 'classifier')")
+        found.extend(h for h in hits if h not in found)
+    found = [n for n in found if not any(n.startswith(outer + ".") for outer in found)]  # trains with its parent
+    modules = dict(all_modules)
+    for name in found:
+        own = {id(p) for p in modules[name].parameters()}
+        if not own:
+            raise ValueError(f"modules_to_save selects {name!r} ({type(modules[name]).__name__}), which has no "
+                             "parameters to train")
+        clash = next((t for t in targets if t == name or t.startswith(name + ".")), None)
+        if clash is not None:
+            raise ValueError(f"modules_to_save selects {name!r} and target_modules selects {clash!r}: a module either "
+                             "trains fully or gets a LoRA; take it out of one of them")
+        shared = next((n for n, p in model.named_parameters(remove_duplicate=False)
+                       if id(p) in own and not n.startswith(name + ".")), None)
+        if shared is not None:
+            raise ValueError(f"modules_to_save selects {name!r}, which shares a parameter with {shared!r} (tied "
+                             "weights): training it in place would change that module too. Untie the weights first "
+                             "(e.g. config.tie_word_embeddings=False) or leave it out")
+    order = {n: i for i, (n, _) in enumerate(all_modules)}
+    return sorted(found, key=order.__getitem__)
+
+
+def _frozen_task_heads(model: nn.Module, covered: List[str]) -> List[str]:
+    """Task heads (:data:`pyflex.models.TASK_HEADS`, outermost) that no name in ``covered`` is, holds or lies in."""
+    heads = [n for n, m in model.named_modules()
+             if n.rpartition(".")[2] in TASK_HEADS and next(m.parameters(), None) is not None
+             and not any(c == n or c.startswith(n + ".") or n.startswith(c + ".") for c in covered)]
+    return [n for n in heads if not any(n.startswith(outer + ".") for outer in heads)]
+
+
+class _SavePretrained:
+    """``model.save_pretrained`` while ``model`` is patched (an instance attribute: patch_model sets it, unpatch
+    removes it; a class, not a closure, so deepcopy/pickle rebind it to the copied model).
+
+    transformers' method writes the patched state dict: base weights under their usual names, plus the adapter
+    tensors (``...q_proj.lora_A``, ``...tau``, ...). HF Trainer checkpoints are written this way and resumed by
+    loading that state dict into the patched model, so it still does exactly that. ``from_pretrained`` on a plain
+    model, though, drops the adapter keys (and reports them as unexpected): the directory therefore also gets
+    pyflex's adapter files (:func:`pyflex.save_adapter`), and ``pyflex.load_adapter(Model.from_pretrained(dir),
+    dir)`` gives the patched model back. For a plain checkpoint with the LoRA folded in, :func:`merge` first.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        from .io import save_adapter  # io imports this module
+        if kwargs.get("is_main_process", True):  # first: transformers empties a state_dict it is given as it writes
+            save_adapter(self.model, str(save_directory), state_dict=kwargs.get("state_dict"))
+        type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
 
 
 def _gated_mlp_kind(model: nn.Module, spec, recompute_mlp: Optional[bool], layer_list) -> str:
@@ -256,7 +374,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     registry, and restore every base parameter's original ``requires_grad``. Returns ``model``.
 
     Adapters that plans registered outside FlexLinear (e.g. prefixes) are dropped from the registry only;
-    the plan that added them removes them.
+    the plan that added them removes them. Modules to save keep their (trained) values.
     """
     model = _unwrap(model)
     registry = get_registry(model)
@@ -270,6 +388,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
     registry._detach_hooks()
+    remove_token_context(model)
     for module in model.modules():
         gated_mlp.uninstall_gated_mlp(module)
     orig = getattr(registry, "_orig_requires_grad", {})
@@ -277,6 +396,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         if n in orig:
             p.requires_grad_(orig[n])
     delattr(model, REGISTRY_ATTR)
+    if isinstance(model.__dict__.get("save_pretrained"), _SavePretrained):
+        del model.__dict__["save_pretrained"]
     return model
 
 
@@ -284,12 +405,14 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every LoRA delta into its base weight (W0 += s·β·B A; Conv1D transposed) and :func:`unpatch`.
 
     Refuses, before changing anything, when any FlexLinear has the τ mask or a gate (the delta is per token
-    there), or when the registry holds adapters other than FlexLinear (e.g. prefixes).
+    there), or when the registry holds adapters other than FlexLinear and the modules to save (e.g. prefixes).
+    The modules to save keep their trained values.
     """
     model = _unwrap(model)
     registry = get_registry(model)
+    saved = set(registry.config.get("modules_to_save", ()))
     for name, module in registry.adapter_modules().items():
-        if not isinstance(module, FlexLinear):
+        if name not in saved and not isinstance(module, FlexLinear):
             raise RuntimeError(f"cannot merge: adapter {name!r} is a {type(module).__name__}, which has no weight to "
                                "fold into; remove it first")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, FlexLinear)]

@@ -96,6 +96,37 @@ def test_generate_matches_merged_model():
     assert not torch.equal(out, base)  # the adapter changes what is generated
 
 
+def test_save_pretrained_of_a_patched_model(tmp_path):
+    """save_pretrained still writes the patched state dict (HF Trainer checkpoints resume from it) and adds pyflex's
+    adapter files, so from_pretrained + pyflex.load_adapter give the patched model back."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    model = pyflex.patch_model(tiny_model("llama"), r=4, tau=True)
+    randomize_flex(model)
+    ids = tokens()
+    ref = model(input_ids=ids).logits
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(str(ckpt))
+    assert {"config.json", "model.safetensors", "pyflex_config.json", "pyflex_adapter.safetensors"} <= \
+        set(os.listdir(ckpt))
+    plain = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    assert not pyflex.patch.is_patched(plain)
+    assert_close(pyflex.load_adapter(plain, str(ckpt))(input_ids=ids).logits, ref)
+    resumed = pyflex.patch_model(tiny_model("llama"), r=4, tau=True)  # how the Trainer resumes a checkpoint
+    resumed.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    assert_close(resumed(input_ids=ids).logits, ref)
+    duplicate = copy.deepcopy(model)
+    assert duplicate.save_pretrained.model is duplicate  # a copy saves itself, not the original
+    # a state_dict handed to save_pretrained (the Trainer's, gathered from sharded parameters) is what gets saved
+    key = "model.layers.0.self_attn.q_proj.lora_B"
+    value = torch.full_like(model.state_dict()[key], 0.25)
+    model.save_pretrained(str(tmp_path / "given"), state_dict={**model.state_dict(), key: value})  # emptied as written
+    assert torch.equal(load_file(str(tmp_path / "given" / "pyflex_adapter.safetensors"))[key], value)
+    pyflex.unpatch(model)
+    model.save_pretrained(str(tmp_path / "unpatched"))
+    assert not any(name.startswith("pyflex") for name in os.listdir(tmp_path / "unpatched"))
+
+
 # -------------------------------------------------------------------------------------------------------------------
 # DDP: 2 gloo processes on CPU, each with half of the global batch, must end with the single-process adapter weights.
 # -------------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """patch_model / unpatch / merge / registry on tiny HF models, compared with PEFT."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from torch import nn
 import pyflex
 from pyflex.models import FAMILIES as FAMILY_TABLE
 from tiny_models import (FAMILIES, assert_close, copy_peft_to_flex, lm_loss, peft_lora_modules,  # noqa: F401
-                         randomize_flex, randomize_peft, reference_backend, single_thread, tiny_model, tokens)
+                         randomize_flex, randomize_peft, reference_backend, single_thread, tiny_classifier, tiny_model,
+                         tokens)
 
 peft = pytest.importorskip("peft")
 
@@ -444,3 +446,110 @@ def test_registry_tau_sparsity_matches_each_layer():
         expected = sum(m.last_sparsity for m in modules) / len(modules)
         assert got[index] == pytest.approx(expected, abs=1e-6)
         assert got[index] == pytest.approx(0.5)  # the mean of 1.0 (q_proj) and 0.0 (down_proj)
+
+
+def test_lam_defaults_to_the_paper_value_with_tau_only():
+    model = pyflex.patch_model(tiny_model("llama"), r=4, tau=True)
+    layers = [m for m in model.modules() if isinstance(m, pyflex.FlexLinear)]
+    assert pyflex.patch.DEFAULT_LAM == 4.5e-5 and 1e-7 <= pyflex.patch.DEFAULT_LAM <= 1e-3
+    assert pyflex.get_registry(model).config["lam"] == 4.5e-5 and {m.lam for m in layers} == {4.5e-5}
+    explicit = pyflex.patch_model(tiny_model("llama"), r=4, tau=True, lam=2e-6)
+    assert pyflex.get_registry(explicit).config["lam"] == 2e-6
+    assert pyflex.get_registry(pyflex.patch_model(tiny_model("llama"), r=4)).config["lam"] == 0.0
+    for lam in (1e-4, 0.0):  # even λ = 0 without τ is a mistake worth naming: λ does nothing there
+        model = tiny_model("llama")
+        with pytest.raises(ValueError, match=f"lam={lam!r} is given with tau=False"):
+            pyflex.patch_model(model, lam=lam)
+        assert not pyflex.patch.is_patched(model) and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_flexlinear_takes_the_training_mode_of_the_module_it_replaces(mode):
+    model = tiny_model("llama")
+    getattr(model, mode)()
+    pyflex.patch_model(model, r=4, dropout=0.5)
+    layers = [m for m in model.modules() if isinstance(m, pyflex.FlexLinear)]
+    assert layers and all(m.training == (mode == "train") for m in layers)
+    if mode == "eval":  # no dropout at inference: two forwards agree with a dropout-free patch
+        randomize_flex(model)
+        ref = pyflex.patch_model(tiny_model("llama"), r=4)
+        randomize_flex(ref)
+        ids = tokens()
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        assert_close(model(ids).logits, ref(ids).logits)
+
+
+def test_modules_to_save_train_the_head_fully():
+    model = tiny_classifier("llama")
+    model.score.weight.requires_grad_(False)  # unpatch must give back this flag, not True
+    norm = "model.layers.1.post_attention_layernorm"
+    pyflex.patch_model(model, r=4, target_modules=["q_proj"], modules_to_save=["score", norm])
+    reg = pyflex.get_registry(model)
+    assert reg.config["modules_to_save"] == [norm, "score"]
+    assert reg.extra_adapters["score"] is model.score and reg[1].adapters[norm] is model.get_submodule(norm)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"score.weight", f"{norm}.weight"} <= trainable
+    assert {"score.weight", f"{norm}.weight"} <= set(reg.named_adapter_parameters())
+    groups = pyflex.tau_param_groups(model, lr=1e-2)
+    assert any(p is model.score.weight for p in groups[0]["params"])
+    reg.set_active([0])  # a module to save inside a layer switches with its layer
+    assert not model.get_submodule(norm).weight.requires_grad and model.score.weight.requires_grad
+    reg.set_active([0, 1, 2])
+    opt = torch.optim.AdamW(groups)
+    before = model.score.weight.detach().clone()
+    model(input_ids=tokens(), labels=torch.tensor([0, 2])).loss.backward()
+    opt.step()
+    assert not torch.equal(model.score.weight, before)
+    trained = model.score.weight.detach().clone()
+    pyflex.unpatch(model)
+    assert not model.score.weight.requires_grad and model.get_submodule(norm).weight.requires_grad
+    assert torch.equal(model.score.weight, trained)  # trained in place: unpatch keeps the values
+
+
+def test_merge_keeps_the_modules_to_save():
+    model = pyflex.patch_model(tiny_classifier("llama"), r=4, modules_to_save=["score"])
+    randomize_flex(model)
+    with torch.no_grad():
+        model.score.weight.mul_(3.0)
+    ids = tokens()
+    ref = model(ids).logits
+    pyflex.merge(model)
+    assert not pyflex.patch.is_patched(model)
+    assert_close(model(ids).logits, ref, atol=1e-4)
+
+
+def test_modules_to_save_errors_leave_the_model_untouched():
+    model = tiny_classifier("llama")
+    cases = [
+        (dict(modules_to_save=["scores"]), ValueError, "modules_to_save entry 'scores' matches no module"),
+        (dict(modules_to_save="score"), TypeError, "must be None or a list of module names"),
+        (dict(modules_to_save=["rotary_emb"]), ValueError, "'model.rotary_emb' .*no parameters"),
+        (dict(target_modules=["q_proj", "score"], modules_to_save=["score"]), ValueError,
+         "selects 'score' and target_modules selects 'score'"),
+        (dict(modules_to_save=["layers.0"]), ValueError, "'model.layers.0' and target_modules selects "
+                                                         "'model.layers.0.self_attn.q_proj'"),
+    ]
+    for kwargs, err, pattern in cases:
+        with pytest.raises(err, match=pattern):
+            pyflex.patch_model(model, **kwargs)
+        assert not pyflex.patch.is_patched(model) and all(p.requires_grad for p in model.parameters())
+    tied = tiny_model("gpt2")  # lm_head.weight is wte.weight
+    with pytest.raises(ValueError, match="'lm_head', which shares a parameter with 'transformer.wte.weight'"):
+        pyflex.patch_model(tied, modules_to_save=["lm_head"])
+    assert not pyflex.patch.is_patched(tied)
+
+
+@pytest.mark.parametrize("family,head", [("llama", "score"), ("bert", "classifier")])
+def test_frozen_task_head_warns(family, head):
+    with pytest.warns(UserWarning, match=f"'{head}' looks like a newly initialised task head.*"
+                                         f"modules_to_save=\\['{head}'\\]"):
+        pyflex.patch_model(tiny_classifier(family), r=4, target_modules=["query"] if family == "bert" else "all-linear")
+    for kwargs in (dict(modules_to_save=[head]), dict(target_modules=["query", head] if family == "bert"
+                                                        else ["q_proj", head])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pyflex.patch_model(tiny_classifier(family), r=4, **{"target_modules": ["query"] if family == "bert"
+                                                                 else "all-linear", **kwargs})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyflex.patch_model(tiny_model(family), r=4, target_modules=["query"] if family == "bert" else "all-linear")

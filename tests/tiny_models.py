@@ -131,3 +131,13 @@ def reference_backend(single_thread):
         warnings.simplefilter("ignore")
         with pyflex.use_backend("reference"):
             yield
+
+
+def tiny_classifier(family: str = "llama", num_labels: int = 3, layers: int = 3, seed: int = 0) -> nn.Module:
+    """A tiny ``*ForSequenceClassification`` (head ``score`` for decoders, ``classifier`` for BERT), eval mode."""
+    import transformers as tf
+    torch.manual_seed(seed)
+    config = tiny_config(family, layers)
+    config.num_labels = num_labels
+    config.pad_token_id = 0  # tokens() never draws it, so each row's last token is the one classified
+    return tf.AutoModelForSequenceClassification.from_config(config).eval()
