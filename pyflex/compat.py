@@ -8,10 +8,17 @@ changes.
   5.24 (``past_key_values=`` is deprecated there), ``past_key_values=`` before.
 * :func:`cache_length` — how many tokens a cache already holds, for the cache classes and the legacy
   tuple-of-tuples format.
+* :func:`watch_cache_batch_edits` — be told when ``generate`` reorders, selects or repeats the batch rows of a cache
+  (beam search, contrastive search), so that per-sample state kept beside the cache follows its rows.
+* :func:`eager_attention_function` — the eager attention a transformers attention module runs when the model's
+  ``attn_implementation`` is ``"eager"`` (its modeling file's ``eager_attention_forward``; GPT-2's
+  ``reorder_and_upcast_attn`` path), in the attention-interface calling convention.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+import sys
+from types import MethodType
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 # Keyword names under which transformers passes the KV cache to a model's forward, newest first.
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -41,3 +48,65 @@ def cache_length(cache: Optional[Any]) -> int:
         return int(cache[0][0].shape[-2]) if len(cache) and len(cache[0]) else 0
     raise TypeError(f"cannot tell the length of a KV cache of type {type(cache).__name__}; "
                     "expected a transformers Cache or a tuple of (key, value) pairs")
+
+
+# Cache methods through which generate edits the batch rows of a cache between forwards, and the row operation each
+# one applies (to a tensor whose first dimension is the batch).
+_BATCH_EDITS = {
+    "reorder_cache": lambda index: (lambda t: t.index_select(0, index.to(t.device))),        # beam search
+    "batch_select_indices": lambda index: (lambda t: t[index.to(t.device)]),                # contrastive search
+    "batch_repeat_interleave": lambda repeats: (lambda t: t.repeat_interleave(repeats, dim=0)),
+}
+_LISTENERS_ATTR = "_pyflex_batch_edit_listeners"
+
+
+def _make_edit_wrapper(name: str, make_op: Callable) -> Callable:
+    def edited(cache, arg, *args, **kwargs):
+        out = getattr(type(cache), name)(cache, arg, *args, **kwargs)
+        op = make_op(arg)
+        for listener in list(getattr(cache, _LISTENERS_ATTR, ())):
+            listener(op)
+        return out
+    edited.__name__ = name
+    return edited
+
+
+def watch_cache_batch_edits(cache: Any, listener: Callable[[Callable], None]) -> None:
+    """Call ``listener(row_op)`` after ``cache`` reorders, selects or repeats its batch rows, where ``row_op(t)``
+    applies the same edit to a tensor ``t`` whose first dimension is the batch. Idempotent per (cache, listener);
+    objects without these methods (legacy tuples) are left alone."""
+    if cache is None or isinstance(cache, (tuple, list)):
+        return
+    listeners = getattr(cache, _LISTENERS_ATTR, None)
+    if listeners is None:
+        listeners = []
+        try:
+            object.__setattr__(cache, _LISTENERS_ATTR, listeners)
+        except (AttributeError, TypeError):  # a cache type that takes no attributes: nothing to watch
+            return
+        for name, make_op in _BATCH_EDITS.items():
+            if callable(getattr(type(cache), name, None)):
+                # bound with MethodType, so a deep copy of the cache rebinds the wrapper to the copy
+                object.__setattr__(cache, name, MethodType(_make_edit_wrapper(name, make_op), cache))
+    if listener not in listeners:
+        listeners.append(listener)
+
+
+def eager_attention_function(module: Any) -> Callable:
+    """What ``module`` (a transformers attention module) runs under ``attn_implementation="eager"``, called as
+    ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)``.
+
+    That is the ``eager_attention_forward`` of the module's modeling file, except for GPT-2-style attention with
+    ``config.reorder_and_upcast_attn``, whose eager path is ``module._upcast_and_reordered_attn`` (it reads the
+    module's own scaling and dropout).
+    """
+    if getattr(module, "reorder_and_upcast_attn", False) and callable(getattr(module, "_upcast_and_reordered_attn",
+                                                                              None)):
+        def reordered(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            return mod._upcast_and_reordered_attn(query, key, value, attention_mask)
+        return reordered
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__}'s modeling module ({type(module).__module__}) has no "
+                           "eager_attention_forward; pyflex cannot run its eager attention")
+    return fn

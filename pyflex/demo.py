@@ -47,6 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from .memory import CudaPeakMemory, step_peak_bytes  # noqa: E402
+from .tau import clip_grad_norm_  # noqa: E402
 
 __all__ = ["DemoConfig", "METHODS", "main", "run_demo"]
 
@@ -325,7 +326,8 @@ def train(setup: MethodSetup, train_batches: List[dict], eval_batches: List[dict
         loss = model(**batch).loss
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip)
+            # every trainable parameter but τ, whose token-summed gradient would dominate the norm
+            clip_grad_norm_(model, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()

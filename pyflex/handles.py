@@ -22,7 +22,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["LayerHandle", "LayerRegistry", "REGISTRY_ATTR"]
+__all__ = ["LayerHandle", "LayerRegistry", "REGISTRY_ATTR", "attach_block_registry"]
 
 REGISTRY_ATTR = "_pyflex_registry"
 
@@ -170,6 +170,12 @@ class LayerRegistry:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._tls = threading.local()
+        # copy.deepcopy of the model copies each τ Parameter without its marker attribute (pickling keeps it);
+        # mark the copies again so pyflex's τ handling (param groups, clipping, the optimizer check) still sees them
+        for module in self.adapter_modules().values():
+            tau = getattr(module, "tau", None)
+            if isinstance(tau, nn.Parameter):
+                tau._pyflex_tau = True
 
     def _grad_stack(self, index: int) -> List[bool]:
         stacks = getattr(self._tls, "stacks", None)
@@ -336,3 +342,31 @@ class LayerRegistry:
                     for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                                   "_forward_pre_hooks_with_kwargs"):
                         getattr(handle.block, extra, {}).pop(key, None)
+
+
+def attach_block_registry(model: nn.Module, layers_path: Optional[str] = None) -> LayerRegistry:
+    """Give an unpatched model a layer registry without adapters and return it (LIFT's full-block mode, which trains
+    the blocks' own weights and needs no LoRA). The model's modules stay as they are; every parameter is frozen
+    (a schedule switches blocks on), the frozen-prefix skip applies, and :func:`pyflex.unpatch` removes the registry
+    and restores each parameter's ``requires_grad``.
+
+    Args:
+        layers_path: dotted path of the layer ModuleList, for families outside pyflex.models.
+    """
+    from .models import resolve_layers
+
+    if getattr(model, REGISTRY_ATTR, None) is not None:
+        raise RuntimeError(f"{type(model).__name__} already has a pyflex layer registry; use "
+                           "pyflex.get_registry(model)")
+    layer_list, spec = resolve_layers(model, layers_path)
+    names_by_id = {id(m): n for n, m in model.named_modules()}
+    block_names = [names_by_id[id(b)] for b in layer_list]
+    registry = LayerRegistry(model, list(layer_list), block_names, spec=spec,
+                             layers_path=layers_path or (block_names[0].rpartition(".")[0] if block_names else ""))
+    registry._orig_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    registry._attach_hooks()
+    object.__setattr__(model, REGISTRY_ATTR, registry)
+    return registry

@@ -49,7 +49,9 @@ FORMAT_VERSION = 2
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # HLPTPlan fields that decide which adapters exist and what they compute (r and α are compared per module)
-_PLAN_FIELDS = ("type", "variant", "lora_layers", "prefix_layers", "prefix_len", "gated")
+_PLAN_FIELDS = ("type", "variant", "lora_layers", "prefix_layers", "prefix_len", "gated", "gate_input", "gate_pooling")
+# What an HLPT plan saved before these fields existed did (the official code's gate input, whole-sequence pooling).
+_PLAN_LEGACY = {"gate_input": "down_proj_input", "gate_pooling": "sequence"}
 
 
 def _safetensors():
@@ -234,6 +236,7 @@ def _setting_mismatches(model: nn.Module, config: dict) -> List[str]:
     if (ours is None) != (saved is None):
         out.append(f"plan: model {ours and ours['type']!r}, file {saved and saved['type']!r}")
     elif ours is not None:
+        saved = {**_PLAN_LEGACY, **saved}
         out += [f"plan {field}: model {ours.get(field)!r}, file {saved.get(field)!r}"
                 for field in _PLAN_FIELDS if ours.get(field) != saved.get(field)]
     return out
@@ -265,7 +268,9 @@ def _restore_patch(model: nn.Module, config: dict, path: str) -> None:
                     layers_path=patch.get("layers_path") if family_spec(model) is None else None, **kwargs)
     elif plan.get("type") == "HLPTPlan":
         apply_hlpt(model, variant=plan["variant"], counts=(len(plan["lora_layers"]), len(plan["prefix_layers"])),
-                   prefix_len=plan["prefix_len"], r=plan["r"], alpha=plan["alpha"], gated=plan["gated"], **kwargs)
+                   prefix_len=plan["prefix_len"], r=plan["r"], alpha=plan["alpha"], gated=plan["gated"],
+                   gate_input=plan.get("gate_input", _PLAN_LEGACY["gate_input"]),
+                   gate_pooling=plan.get("gate_pooling", _PLAN_LEGACY["gate_pooling"]), **kwargs)
     else:
         raise ValueError(f"the adapter in {path!r} records a plan of type {plan.get('type')!r}; load_adapter can replay "
                          "HLPTPlan only. Apply that plan to the model first, then load")

@@ -1,139 +1,192 @@
-"""Gated prefix tuning (HLPT §4.3) through the transformers attention registry, and the pooled gates.
+"""Gated prefix tuning (HLPT §4.3) through the transformers attention registry, and HLPT's pooled gates.
 
 Pieces:
 
-* :class:`GatingContext` — per-model state the gates read: the 2-D padding mask of the current forward
-  (captured by a forward pre-hook on the decoder stack) and running per-sample sums for KV-cache decoding.
-* :class:`PooledGate` — ``sigmoid(Linear(x → 1))`` per token, mean-pooled per sample over non-padding
-  tokens, broadcast back to the tokens. Used as ``FlexLinear.gate`` (HLPT's LoRA gate, eq. 9) and inside
-  :class:`GatedPrefix` (eq. 5).
-* :class:`GatedPrefix` — per-layer ``P_k``, ``P_v`` of shape (num_kv_heads, l, head_dim) and the prefix gate.
-* :func:`prefix_attention_forward` — the function registered as ``attn_implementation="pyflex_prefix"``.
-  For a layer whose attention module carries a prefix it prepends the gated ``P_k``/``P_v`` to the (post-RoPE)
-  key/value of that call — the prefix is never written to the KV cache, so ``generate()`` works unchanged —
-  extends the mask with "attend" columns and delegates to the model's previous implementation (sdpa or eager).
-  Prefix keys are not rotated by RoPE. Layers without a prefix are passed straight through.
+* :class:`PooledGate` — HLPT's gate (paper eq. 5 and 9): ``g_i = sigmoid(w·h_i + b)`` per token, then pooled per
+  sample over the sample's *real* tokens (attention_mask 1; the mask comes from the model's
+  :class:`~pyflex.token_context.TokenContext`, so 2-D masks of decoders and the 4-D masks encoders build are both
+  handled). Two poolings:
 
-Pooling under KV-cache decoding: a sample's gate is the mean over all of its non-padding tokens seen so far in
-the sequence (running sums kept in the context and reset whenever a forward starts without cached tokens).
-A forward without cache therefore pools over the whole input, and each decode step pools over prompt + generated
-tokens, which is what a cache-less recomputation of that step would pool over.
+  - ``"causal"``: token t gets the mean of g over the sample's real tokens up to and including t. Nothing reads
+    later tokens, so a causal LM stays causal, and cached decoding (``generate(use_cache=True)``) gives exactly what
+    recomputing the whole sequence gives. At the last token it is the mean over the whole sample.
+  - ``"sequence"``: every token gets the mean over all of the sample's real tokens (DESIGN §6 as written). In a
+    causal LM token t's output then depends on later tokens, so keys/values cached during decoding were computed
+    with an older gate and cached decoding differs from cache-less decoding.
+
+  The gate reads the tensor it is called with, or, after :meth:`PooledGate.observe_input_of`, the input of another
+  module seen by a forward pre-hook (HLPT's LoRA gate reads the FFN block's input h_FN but scales down_proj's LoRA).
+  Across the forwards of one cached sequence it continues from running sums (kept per position, so a cropped cache
+  is followed; beam-search reordering is followed through the token context).
+* :class:`GatedPrefix` — per-layer ``P_k``, ``P_v`` of shape (num_kv_heads, l, head_dim) and the prefix gate, which
+  reads the attention module's input (after the layer's norm).
+* The attention functions registered as ``attn_implementation="pyflex_prefix"`` (delegating to sdpa) and
+  ``"pyflex_prefix_eager"`` (delegating to the model's own eager attention, so Gemma2's logit softcapping and every
+  family's eager quirks apply). Layers without a prefix call exactly the base function with exactly the mask the base
+  implementation's own mask function builds. A prefix layer prepends the gated prefix to the (post-RoPE) keys and
+  values of that call — never to the KV cache — and extends the mask with always-attended prefix columns (also in
+  sliding-window layers: the virtual tokens have no position). Prefix keys are not rotated by RoPE.
+
+Exactness of the per-query prefix gate: with causal pooling query t sees ``[g_t P_k ; K]`` and ``[g_t P_v ; V]``.
+The base functions take one key set per head, so a multi-token forward runs them once on widened heads
+``q̃_t = [q_t, g_t q_t]``, prefix keys ``[0, P_k]``, keys ``[K, 0]``, prefix values ``[0, P_v]``, values ``[V, 0]``
+(the score of prefix key j is ``g_t q_t·P_k,j``, of key k ``q_t·K_k``: the same scores, softcapping, mask, softmax and
+dropout as the definition), and the output is ``out[:d] + g_t out[d:]``. That costs twice the attention work of the
+prefix layers; a single-token decode step, ``"sequence"`` pooling and ungated prefixes scale P directly instead.
 """
 from __future__ import annotations
 
-import sys
-from typing import Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .compat import cache_from_call, cache_length
+from .compat import eager_attention_function
+from .token_context import TokenContext
 
-ATTN_IMPLEMENTATION = "pyflex_prefix"
+ATTN_IMPLEMENTATION = "pyflex_prefix"              # delegates to sdpa
+ATTN_IMPLEMENTATION_EAGER = "pyflex_prefix_eager"  # delegates to the model's eager attention
+IMPLEMENTATIONS = {"sdpa": ATTN_IMPLEMENTATION, "eager": ATTN_IMPLEMENTATION_EAGER}
 PREFIX_ATTR = "pyflex_prefix"  # attribute of the attention module that holds its GatedPrefix
-_BASES = ("sdpa", "eager")
+POOLINGS = ("causal", "sequence")
 
-
-# --------------------------------------------------------------------------------------------------
-# context shared by the gates of one model
-# --------------------------------------------------------------------------------------------------
-class GatingContext:
-    """What the gates need to know about the current forward.
-
-    Attributes:
-        attention_mask: (B, S_total) 0/1 padding mask of the current forward or None. With a KV cache S_total is
-            past + current length; the gates use its last S columns.
-        new_sequence: True when the current forward starts a sequence (no cached tokens), which resets the
-            running pooling sums.
-    """
-
-    def __init__(self):
-        self.attention_mask: Optional[torch.Tensor] = None
-        self.new_sequence: bool = True
-        self._sums: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def begin_forward(self, attention_mask: Optional[torch.Tensor], past_length: int) -> None:
-        self.attention_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
-            else None
-        self.new_sequence = past_length == 0
-        if self.new_sequence:
-            self._sums.clear()
-
-    def token_mask(self, batch: int, seq: int, device) -> Optional[torch.Tensor]:
-        """(B, S) float mask of the current tokens (1 = real token), or None when unknown or inconsistent."""
-        mask = self.attention_mask
-        if mask is None or mask.shape[0] != batch or mask.shape[1] < seq:
-            return None
-        return mask[:, mask.shape[1] - seq:].to(device=device, dtype=torch.float32)
-
-    def pool(self, key: int, per_token: torch.Tensor, token_mask: Optional[torch.Tensor], running: bool) -> torch.Tensor:
-        """Mean of ``per_token`` (B, S) over real tokens → (B,). With ``running`` the sums continue across the
-        forwards of one cached sequence (decode steps)."""
-        weights = torch.ones_like(per_token, dtype=torch.float32) if token_mask is None else token_mask
-        total = (per_token.float() * weights).sum(dim=1)
-        count = weights.sum(dim=1)
-        if running and not self.new_sequence and key in self._sums:
-            prev_total, prev_count = self._sums[key]
-            if prev_total.shape == total.shape:
-                total = total + prev_total
-                count = count + prev_count
-        if running:
-            # Detached: earlier decode steps never need gradients.
-            self._sums[key] = (total.detach(), count.detach())
-        return total / count.clamp_min(1.0)
-
-
-def install_gating_context(decoder: nn.Module) -> GatingContext:
-    """Attach (once) a :class:`GatingContext` to ``decoder`` (the module that runs the layer stack, e.g.
-    ``LlamaModel``) and a forward pre-hook that records each forward's padding mask and cache length."""
-    ctx = getattr(decoder, "_pyflex_gating_context", None)
-    if ctx is not None:
-        return ctx
-    ctx = GatingContext()
-
-    def _pre_hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]  # (input_ids, attention_mask, ...) called positionally
-        ctx.begin_forward(mask, cache_length(cache_from_call(args, kwargs)))
-
-    decoder._pyflex_gating_context = ctx
-    decoder._pyflex_gating_hook = decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    return ctx
+__all__ = ["ATTN_IMPLEMENTATION", "ATTN_IMPLEMENTATION_EAGER", "POOLINGS", "PooledGate", "GatedPrefix",
+           "attach_prefix", "enable_prefix_attention", "register_prefix_attention", "prefix_attention_forward",
+           "prefix_attention_forward_eager"]
 
 
 # --------------------------------------------------------------------------------------------------
 # gates
 # --------------------------------------------------------------------------------------------------
-class PooledGate(nn.Module):
-    """``g = mean_tokens(sigmoid(x wᵀ + b))`` per sample, broadcast to the tokens.
+class _PoolingState:
+    """Running sums of one gate over the current sequence: cumulative Σ g·w and Σ w (w = 1 for real tokens) at every
+    position seen so far, (B, T) each, detached (earlier forwards of a cached sequence never need gradients)."""
 
-    ``forward(x)``: x (B, S, in_features) or (S, in_features) → coefficient of shape ``x.shape[:-1]``, dtype of x.
-    The Linear keeps nn.Linear's Kaiming-uniform initialisation (HLPT appendix B).
+    def __init__(self):
+        self.total: Optional[torch.Tensor] = None
+        self.count: Optional[torch.Tensor] = None
+
+    def before(self, past: int, batch: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B,) sums over the first ``past`` positions of the sequence."""
+        seen = 0 if self.total is None else self.total.shape[1]
+        if seen < past or self.total.shape[0] != batch:
+            raise RuntimeError(
+                f"the KV cache holds {past} tokens of a batch of {batch}, but this HLPT gate saw "
+                f"{seen} tokens{'' if self.total is None else f' of a batch of {self.total.shape[0]}'} of the "
+                "sequence; every forward of a cached sequence must run through the model (whose forward records the "
+                "padding mask and cache length for the gates), from the first token")
+        return self.total[:, past - 1].to(device), self.count[:, past - 1].to(device)
+
+    def store(self, past: int, total: torch.Tensor, count: torch.Tensor) -> None:
+        if past == 0 or self.total is None:
+            self.total, self.count = total, count
+        else:  # positions beyond `past` were cropped from the cache (assisted decoding): drop them here too
+            self.total = torch.cat([self.total[:, :past].to(total.device), total], dim=1)
+            self.count = torch.cat([self.count[:, :past].to(count.device), count], dim=1)
+
+    def apply_batch_edit(self, row_op: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.total is not None:
+            self.total, self.count = row_op(self.total), row_op(self.count)
+
+
+class _ObserveInput:
+    """Forward pre-hook that makes a gate compute its coefficients from the hooked module's input. A class, not a
+    closure, so a deep copy of the model rebinds it to the copied gate."""
+
+    def __init__(self, gate: "PooledGate"):
+        self.gate = gate
+
+    def __call__(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        if not isinstance(hidden, torch.Tensor):
+            raise RuntimeError(f"{type(module).__name__} was called without a hidden-states tensor as its first "
+                               "argument; the HLPT gate observing its input needs it")
+        self.gate._observed = self.gate.coefficients(hidden)
+
+
+class PooledGate(nn.Module):
+    """HLPT gate: per-token ``sigmoid(Linear(h → 1))``, pooled per sample over real tokens (see the module docstring).
+
+    Args:
+        in_features: width of the gate's input h.
+        context: the model's :class:`~pyflex.token_context.TokenContext` (padding mask, KV-cache length); None:
+            every token is real and each call is a sequence of its own.
+        pooling: ``"causal"`` (default) or ``"sequence"``.
+
+    ``coefficients(h)``: h (B, S, in) → (B, S) pooled coefficient per token (float32, or float64 for a float64
+    gate); h (S, in) is one sample → (S,). ``forward(x)`` returns ``coefficients(x)`` in x's dtype, or, when the gate
+    observes another module's input (:meth:`observe_input_of`), the coefficients computed from that input in the
+    current forward; either way of shape ``x.shape[:-1]``, as ``FlexLinear.gate`` requires. The Linear keeps
+    nn.Linear's Kaiming-uniform initialisation (HLPT appendix B).
     """
 
-    def __init__(self, in_features: int, context: Optional[GatingContext] = None, *, running: bool = True,
+    def __init__(self, in_features: int, context: Optional[TokenContext] = None, *, pooling: str = "causal",
                  dtype=None, device=None):
         super().__init__()
+        if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+            raise ValueError(f"in_features={in_features!r} is not allowed; it must be an int >= 1")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not supported; allowed: {', '.join(POOLINGS)}")
         self.linear = nn.Linear(in_features, 1, dtype=dtype, device=device)
-        # A plain attribute, not a submodule: the context is shared state, not a parameter holder.
+        # Plain attributes, not submodules: shared state, not parameter holders.
         self.context = context
-        self.running = running
+        self.pooling = pooling
+        self._state = _PoolingState()
+        if context is not None:
+            context.add_batch_state(self._state)
+        self.observes: Optional[str] = None        # name of the module whose input the gate reads, if any
+        self._observed: Optional[torch.Tensor] = None
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,) pooled gate for x (B, S, in_features); x (S, in) is one sample."""
-        x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
-        per_token = torch.sigmoid(self.linear(x3.to(self.linear.weight.dtype))).squeeze(-1)  # (B, S)
+    def observe_input_of(self, module: nn.Module, name: str = "") -> None:
+        """Read the gate's input from ``module``'s input (forward pre-hook) instead of the tensor passed to
+        :meth:`forward`. Once per gate."""
+        if self.observes is not None:
+            raise ValueError(f"this gate already observes the input of {self.observes!r}")
+        module.register_forward_pre_hook(_ObserveInput(self), with_kwargs=True)
+        self.observes = name or type(module).__name__
+
+    def coefficients(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() not in (2, 3):
+            raise ValueError(f"the gate input must be (B, S, {self.linear.in_features}) or (S, "
+                             f"{self.linear.in_features}), got shape {tuple(h.shape)}")
+        h3 = h if h.dim() == 3 else h.unsqueeze(0)
+        g = torch.sigmoid(self.linear(h3.to(self.linear.weight.dtype))).squeeze(-1)  # (B, S)
+        cdt = torch.promote_types(g.dtype, torch.float32)
+        g = g.to(cdt)
+        batch, seq = g.shape
         ctx = self.context
-        if ctx is None:
-            return per_token.float().mean(dim=1)
-        return ctx.pool(id(self), per_token, ctx.token_mask(x3.shape[0], x3.shape[1], x.device), self.running)
+        real = None if ctx is None else ctx.token_mask(batch, seq)
+        w = torch.ones_like(g) if real is None else real.to(device=g.device, dtype=cdt)
+        total = torch.cumsum(g * w, dim=1)
+        count = torch.cumsum(w, dim=1)
+        past = 0 if ctx is None else ctx.past_length
+        if past > 0:
+            total0, count0 = self._state.before(past, batch, g.device)
+            total = total + total0.to(cdt)[:, None]
+            count = count + count0.to(cdt)[:, None]
+        if ctx is not None:
+            self._state.store(past, total.detach(), count.detach())
+        if self.pooling == "causal":
+            coef = total / count.clamp_min(1.0)
+        else:
+            coef = (total[:, -1] / count[:, -1].clamp_min(1.0))[:, None].expand(batch, seq)
+        return coef if h.dim() == 3 else coef[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.pooled(x)
-        if x.dim() == 3:
-            return g[:, None].expand(x.shape[0], x.shape[1]).to(x.dtype)
-        return g.expand(x.shape[:-1]).to(x.dtype)
+        if self.observes is None:
+            return self.coefficients(x).to(x.dtype)
+        coef, self._observed = self._observed, None
+        if coef is None:
+            raise RuntimeError(f"this gate reads the input of {self.observes!r} (a forward pre-hook computes it "
+                               "there), but it was called without that module running first in this forward")
+        if tuple(coef.shape) != tuple(x.shape[:-1]):
+            raise RuntimeError(f"the gate computed {tuple(coef.shape)} coefficients from the input of "
+                               f"{self.observes!r} but is applied to an input of shape {tuple(x.shape)}")
+        return coef.to(device=x.device, dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.linear.in_features}, pooling={self.pooling!r}" + (
+            f", observes={self.observes!r}" if self.observes else "")
 
 
 class GatedPrefix(nn.Module):
@@ -149,8 +202,8 @@ class GatedPrefix(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_kv_heads: int, head_dim: int, prefix_len: int = 20, *,
-                 context: Optional[GatingContext] = None, gated: bool = True, init_std: float = 0.02,
-                 dtype=None, device=None):
+                 context: Optional[TokenContext] = None, gated: bool = True, pooling: str = "causal",
+                 init_std: float = 0.02, dtype=None, device=None):
         super().__init__()
         for arg, value in (("hidden_size", hidden_size), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                            ("prefix_len", prefix_len)):
@@ -159,33 +212,29 @@ class GatedPrefix(nn.Module):
         shape = (num_kv_heads, prefix_len, head_dim)
         self.prefix_key = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
         self.prefix_value = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
-        self.gate = PooledGate(hidden_size, context, dtype=dtype, device=device) if gated else None
+        self.gate = PooledGate(hidden_size, context, pooling=pooling, dtype=dtype, device=device) if gated else None
         self.response_scale = 1.0
         self.enabled = True
-        self._coef: Optional[torch.Tensor] = None  # (B,) gate of the current forward, set by the pre-hook
+        self._coef: Optional[torch.Tensor] = None  # (B, S) gate of the current forward, set by the pre-hook
 
     @property
     def prefix_len(self) -> int:
         return self.prefix_key.shape[1]
 
     def observe(self, hidden_states: torch.Tensor) -> None:
-        """Compute this forward's per-sample gate from the attention input (B, S, hidden)."""
-        if self.gate is None:
-            self._coef = None
-        else:
-            self._coef = self.gate.pooled(hidden_states)
+        """Compute this forward's per-token gate from the attention input (B, S, hidden)."""
+        self._coef = None if self.gate is None else self.gate.coefficients(hidden_states)
 
-    def key_value(self, batch: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Gated P_k, P_v expanded to (batch, num_kv_heads, l, head_dim) in ``dtype``."""
-        pk, pv = self.prefix_key.to(dtype), self.prefix_value.to(dtype)
+    def query_coefficients(self, batch: int, q_len: int) -> Optional[torch.Tensor]:
+        """(batch, q_len) gate × β for the queries of the current attention call, or None when ungated."""
         coef = self._coef
-        if coef is None:
-            coef = torch.ones(batch, device=pk.device, dtype=torch.float32)
-        elif coef.shape[0] != batch:
-            raise RuntimeError(f"prefix gate was computed for batch {coef.shape[0]} but attention runs on batch "
-                               f"{batch}; the gate must be observed by the attention module's pre-hook each forward")
-        coef = (coef * float(self.response_scale)).to(dtype)[:, None, None, None]
-        return coef * pk.unsqueeze(0), coef * pv.unsqueeze(0)
+        if self.gate is None:
+            return None
+        if coef is None or coef.dim() != 2 or tuple(coef.shape) != (batch, q_len):
+            raise RuntimeError(f"the prefix gate was computed for {None if coef is None else tuple(coef.shape)} "
+                               f"tokens but attention runs on batch {batch} × {q_len} queries; the gate must be "
+                               "observed by the attention module's pre-hook each forward")
+        return coef * float(self.response_scale)
 
     def extra_repr(self) -> str:
         h, l, d = self.prefix_key.shape
@@ -196,122 +245,153 @@ def _attention_pre_hook(module, args, kwargs):
     prefix = getattr(module, PREFIX_ATTR, None)
     if prefix is None or not prefix.enabled:
         return
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    if hidden is None:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
         raise RuntimeError(f"{type(module).__name__} was called without hidden_states; the prefix gate needs them")
     prefix.observe(hidden)
 
 
-def attach_prefix(attention: nn.Module, prefix: GatedPrefix, *, base: str = "sdpa") -> None:
-    """Put ``prefix`` on an attention module (as submodule ``pyflex_prefix``) and hook its gate on the
-    attention input. ``base`` is the implementation the registered function delegates to."""
-    if base not in _BASES:
-        raise ValueError(f"base={base!r} is not supported; allowed: {', '.join(_BASES)}")
+def attach_prefix(attention: nn.Module, prefix: GatedPrefix) -> None:
+    """Put ``prefix`` on an attention module (as submodule ``pyflex_prefix``) and hook its gate on the attention
+    input."""
     if getattr(attention, PREFIX_ATTR, None) is not None:
         raise ValueError(f"{type(attention).__name__} already has a prefix; apply a prefix plan once per model")
     attention.add_module(PREFIX_ATTR, prefix)
-    attention._pyflex_base_attention = base
-    attention._pyflex_prefix_hook = attention.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
+    attention.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# the registered attention function
+# the registered attention functions
 # --------------------------------------------------------------------------------------------------
-def _causal_bool_mask(batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """(B, 1, q, kv) bool, bottom-right aligned: query i sees keys j <= i + (kv - q)."""
-    q_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    return (k_pos <= q_pos).view(1, 1, q_len, kv_len).expand(batch, 1, q_len, kv_len)
+def _base_function(base: str, module: nn.Module) -> Callable:
+    if base == "eager":
+        return eager_attention_function(module)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward
 
 
-def _eager_forward(module):
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise RuntimeError(f"{type(module).__name__}'s modeling module has no eager_attention_forward; "
-                           "use base='sdpa'")
-    return fn
-
-
-def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _prefix_mask(attention_mask: Optional[torch.Tensor], q_len: int, kv_len: int, n_prefix: int, causal: bool,
+                 device, additive_dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """The layer's mask with ``n_prefix`` always-attended columns in front; None when nothing is masked."""
+    if attention_mask is None:
+        if q_len == 1 or not causal:
+            return None  # every key is attended (transformers' convention for a skipped mask)
+        # A skipped causal mask means sdpa's is_causal, i.e. top-left aligned: query i sees keys j <= i (kv > q only
+        # happens for a prefill into an empty static cache, whose extra slots must stay unseen).
+        mask = (torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None])
+        mask = mask.view(1, 1, q_len, kv_len)
+    else:
+        mask = attention_mask
+        if mask.shape[-1] < kv_len:
+            raise RuntimeError(f"the attention mask covers {mask.shape[-1]} keys but the layer has {kv_len}")
+        mask = mask[..., mask.shape[-1] - kv_len:]
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        pad = torch.ones(*mask.shape[:-1], n_prefix, dtype=torch.bool, device=mask.device)
+    else:
+        pad = torch.zeros(*mask.shape[:-1], n_prefix, dtype=mask.dtype, device=mask.device)
+    mask = torch.cat([pad, mask], dim=-1)
+    if additive_dtype is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=additive_dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(additive_dtype).min)
     return mask
+
+
+def _prefix_attention(base: str, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                      **kwargs):
+    base_fn = _base_function(base, module)
+    prefix = getattr(module, PREFIX_ATTR, None)
+    if prefix is None or not prefix.enabled:
+        return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    batch, _, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    pk, pv = prefix.prefix_key, prefix.prefix_value
+    if pk.shape[0] != kv_heads or pk.shape[-1] != head_dim or pv.shape[-1] != value.shape[-1]:
+        raise RuntimeError(f"prefix K/V have {pk.shape[0]} heads × {pk.shape[-1]} dims but the layer's keys have "
+                           f"{kv_heads} heads × {head_dim} dims")
+    pk = pk.to(device=key.device, dtype=key.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+    pv = pv.to(device=value.device, dtype=value.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+    n_prefix = pk.shape[2]
+    if scaling is None:  # what every base uses for head_dim d; explicit because the widened path below widens heads
+        scaling = head_dim ** -0.5
+    mask = _prefix_mask(attention_mask, q_len, kv_len, n_prefix, getattr(module, "is_causal", True), query.device,
+                        query.dtype if base == "eager" else None)
+    kwargs.pop("is_causal", None)
+    if base == "sdpa":
+        kwargs["is_causal"] = False  # the prefix mask is explicit (or nothing is masked)
+
+    coef = prefix.query_coefficients(batch, q_len)
+    if coef is None or q_len == 1 or prefix.gate.pooling == "sequence":
+        # one coefficient per sample: scale P_k and P_v (eq. 5) and concatenate (eq. 4)
+        c = float(prefix.response_scale) if coef is None else coef[:, 0].to(key.dtype)[:, None, None, None]
+        key = torch.cat([c * pk, key], dim=2)
+        value = torch.cat([c * pv, value], dim=2)
+        return base_fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    # one coefficient per query: widened heads (module docstring)
+    c = coef.to(query.dtype)  # (B, q)
+    query2 = torch.cat([query, c[:, None, :, None] * query], dim=-1)
+    key2 = torch.cat([torch.cat([torch.zeros_like(pk), pk], dim=-1),
+                      torch.cat([key, torch.zeros_like(key)], dim=-1)], dim=2)
+    value2 = torch.cat([torch.cat([torch.zeros_like(pv), pv], dim=-1),
+                        torch.cat([value, torch.zeros_like(value)], dim=-1)], dim=2)
+    out, weights = base_fn(module, query2, key2, value2, mask, scaling=scaling, dropout=dropout, **kwargs)
+    dv = value.shape[-1]
+    out = out[..., :dv] + c[:, :, None, None].to(out.dtype) * out[..., dv:]  # out: (B, q, H, 2·dv)
+    return out, weights
 
 
 def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
                              dropout: float = 0.0, **kwargs):
-    """Attention with the layer's gated prefix prepended.
+    """``attn_implementation="pyflex_prefix"``: sdpa, with the layer's gated prefix prepended.
 
     Shapes (transformers' attention-interface convention):
         query (B, H, q, d); key, value (B, H_kv, kv, d), post-RoPE, including cached tokens;
-        attention_mask: None (causal implied), bool (B|1, 1, q, kv) True = attend, or float additive.
-    Returns what the base implementation returns: (B, q, H, d) output and weights or None.
+        attention_mask: None (causal implied, or nothing masked), bool (B|1, 1, q, kv) True = attend, or float additive.
+    Returns what sdpa returns: (B, q, H, d) output and None.
     """
-    base = getattr(module, "_pyflex_base_attention", "sdpa")
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    base_fn = sdpa_attention_forward if base == "sdpa" else _eager_forward(module)
-    prefix = getattr(module, PREFIX_ATTR, None)
-    batch, _, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    if prefix is None or not prefix.enabled:
-        if base == "eager":
-            if attention_mask is None and getattr(module, "is_causal", True):
-                attention_mask = _causal_bool_mask(batch, q_len, kv_len, query.device)
-            if attention_mask is not None:
-                attention_mask = _to_additive(attention_mask, query.dtype)
-        return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return _prefix_attention("sdpa", module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
-    pk, pv = prefix.key_value(batch, key.dtype)
-    if pk.shape[1] != key.shape[1] or pk.shape[-1] != key.shape[-1]:
-        raise RuntimeError(f"prefix K/V have {pk.shape[1]} heads × {pk.shape[-1]} dims but the layer's keys have "
-                           f"{key.shape[1]} heads × {key.shape[-1]} dims")
-    key = torch.cat([pk.to(key.device), key], dim=2)
-    value = torch.cat([pv.to(value.device), value], dim=2)
-    n_prefix = pk.shape[2]
 
-    if attention_mask is None:
-        if getattr(module, "is_causal", True):
-            attention_mask = _causal_bool_mask(batch, q_len, kv_len, query.device)
-        else:
-            attention_mask = torch.ones(batch, 1, q_len, kv_len, dtype=torch.bool, device=query.device)
-    mask = attention_mask[..., -kv_len:] if attention_mask.shape[-1] > kv_len else attention_mask
-    # Prefix columns are always attended: True for bool masks, 0 for additive ones.
-    pad = torch.ones(*mask.shape[:-1], n_prefix, dtype=torch.bool, device=mask.device) if mask.dtype == torch.bool \
-        else torch.zeros(*mask.shape[:-1], n_prefix, dtype=mask.dtype, device=mask.device)
-    mask = torch.cat([pad, mask], dim=-1)
-    if base == "eager":
-        mask = _to_additive(mask, query.dtype)
-    kwargs.pop("is_causal", None)
-    return base_fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+def prefix_attention_forward_eager(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                   attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
+                                   dropout: float = 0.0, **kwargs):
+    """``attn_implementation="pyflex_prefix_eager"``: the model's own eager attention (softcapping and all), with
+    the layer's gated prefix prepended. Same shapes as :func:`prefix_attention_forward`; the returned weights of a
+    prefix layer have l prefix columns in front."""
+    return _prefix_attention("eager", module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
 _registered = False
 
 
-def register_prefix_attention() -> str:
-    """Register :func:`prefix_attention_forward` and its mask function (transformers' sdpa mask, which may be
-    None for plain causal batches) under ``"pyflex_prefix"``; idempotent. Returns the name."""
+def register_prefix_attention() -> None:
+    """Register both attention functions, each with its base's mask function (sdpa's, eager's); idempotent."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
         AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
         AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        AttentionInterface.register(ATTN_IMPLEMENTATION_EAGER, prefix_attention_forward_eager)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION_EAGER, eager_mask)
         _registered = True
-    return ATTN_IMPLEMENTATION
 
 
 def enable_prefix_attention(model: nn.Module) -> str:
-    """Switch ``model`` to the prefix attention; returns the base implementation it delegates to."""
+    """Switch ``model`` to the prefix attention; returns the base implementation it delegates to: ``"eager"`` when
+    the model ran eager attention, else ``"sdpa"`` (flash/flex kernels cannot take the extended mask, so a model on
+    one of them runs sdpa from here on)."""
     register_prefix_attention()
     current = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if current == ATTN_IMPLEMENTATION:
-        return getattr(model, "_pyflex_base_attention", "sdpa")
-    base = "eager" if current == "eager" else "sdpa"  # flash/flex kernels cannot take the extended mask
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
-        model.config._attn_implementation = ATTN_IMPLEMENTATION
-    model._pyflex_base_attention = base
+    bases = {name: base for base, name in IMPLEMENTATIONS.items()}
+    base = bases.get(current, "eager" if current == "eager" else "sdpa")
+    name = IMPLEMENTATIONS[base]
+    if current != name:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(name)
+        if getattr(model.config, "_attn_implementation", None) != name:
+            model.config._attn_implementation = name
     return base

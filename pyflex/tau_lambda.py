@@ -51,12 +51,16 @@ def _taus_of(optimizer) -> List[torch.Tensor]:
     return cached[1]
 
 
-def _add_lambda_terms(optimizer, args, kwargs) -> None:
+def add_lambda_terms(optimizer) -> None:
+    """Add −λ·(active real tokens, summed over micro-batches and ranks) to the gradient of every τ of ``optimizer``
+    that has one, and use up those counts. Runs by itself before every optimizer step; a caller that moves τ's
+    gradient out of the way of another optimizer's step (PyflexCallback) calls it first. A τ whose grad is None
+    keeps its count for the step that will see its gradient."""
     pending = []
     for tau in _taus_of(optimizer):
         layer = getattr(tau, OWNER_ATTR)()
         sink = None if layer is None else layer.tau_count_sink
-        if sink is not None and sink.grad is not None:
+        if sink is not None and sink.grad is not None and tau.grad is not None:
             pending.append((tau, layer, sink))
     if not pending:
         return
@@ -67,6 +71,9 @@ def _add_lambda_terms(optimizer, args, kwargs) -> None:
         # DDP/FSDP average gradients over ranks; the λ count is a sum over all tokens of the global batch.
         torch.distributed.all_reduce(counts)
     for (tau, layer, sink), count in zip(pending, counts):
-        if tau.grad is not None:
-            tau.grad.add_((-layer.lam * count).to(device=tau.grad.device, dtype=tau.grad.dtype).reshape(tau.grad.shape))
+        tau.grad.add_((-layer.lam * count).to(device=tau.grad.device, dtype=tau.grad.dtype).reshape(tau.grad.shape))
         sink.grad = None
+
+
+def _add_lambda_terms(optimizer, args, kwargs) -> None:
+    add_lambda_terms(optimizer)

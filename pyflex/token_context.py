@@ -8,6 +8,10 @@ records the mask there, with the number of tokens already in the KV cache.
 
 Accepted masks: 2-D (B, S_total) 0/1 or bool, and 4-D (B, 1, Q, S_total) bool (True = attend) or additive float
 (0 = attend); a key column that no query attends to is padding. Anything else counts every token as real.
+
+Per-sample state kept across the forwards of one cached sequence (HLPT's pooled gates keep running sums) registers
+with :meth:`TokenContext.add_batch_state`: when ``generate`` reorders, selects or repeats the batch rows of the KV
+cache (beam search), the context applies the same edit to that state.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .compat import cache_from_call, cache_length
+from .compat import cache_from_call, cache_length, watch_cache_batch_edits
 
 CONTEXT_ATTR = "_pyflex_token_context"
 
@@ -49,14 +53,31 @@ class TokenContext:
     def __init__(self):
         self.real_tokens: Optional[torch.Tensor] = None
         self.past_length: int = 0
+        # objects with .apply_batch_edit(row_op), told when generate edits the batch rows of the KV cache
+        self._batch_states: list = []
 
     @property
     def new_sequence(self) -> bool:
         return self.past_length == 0
 
-    def begin_forward(self, attention_mask: Optional[torch.Tensor], past_length: int) -> None:
+    def begin_forward(self, attention_mask: Optional[torch.Tensor], past_length: int, cache=None) -> None:
+        """Record one forward of the model: its attention mask, the tokens already in its KV cache and the cache
+        itself (watched for batch-row edits, see :meth:`add_batch_state`)."""
         self.real_tokens = key_padding_mask(attention_mask)
         self.past_length = int(past_length)
+        if cache is not None and self._batch_states and not torch.compiler.is_compiling():
+            watch_cache_batch_edits(cache, self._apply_batch_edit)  # (not traced: beam search runs eagerly)
+
+    def add_batch_state(self, state) -> None:
+        """Register ``state`` (an object with ``apply_batch_edit(row_op)``): whenever ``generate`` reorders,
+        selects or repeats the batch rows of a KV cache this context has seen, ``state.apply_batch_edit(row_op)`` is
+        called with ``row_op(t)`` doing the same to a tensor whose first dimension is the batch."""
+        if not any(s is state for s in self._batch_states):
+            self._batch_states.append(state)
+
+    def _apply_batch_edit(self, row_op) -> None:
+        for state in self._batch_states:
+            state.apply_batch_edit(row_op)
 
     def token_mask(self, batch: int, seq: int) -> Optional[torch.Tensor]:
         """(batch, seq) bool of the current tokens (True = real), or None when unknown or of another shape
@@ -78,7 +99,8 @@ class _CapturePadding:
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]  # (input_ids, attention_mask, ...) called positionally
-        self.context.begin_forward(mask, cache_length(cache_from_call(args, kwargs)))
+        cache = cache_from_call(args, kwargs)
+        self.context.begin_forward(mask, cache_length(cache), cache)
 
 
 def _base_model(model: nn.Module) -> nn.Module:

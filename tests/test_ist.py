@@ -45,6 +45,22 @@ def test_counts_and_defaults(patched):
         ImportanceSchedule(patched, mode="lisa")
 
 
+# Table 8 (and Table 9) of the IST paper: N_L, N_u, N_v per model with N_u = 25 %, N_v = 50 % of the layers.
+TABLE_8 = [(32, 8, 16), (40, 10, 20), (28, 7, 14), (30, 8, 15), (32, 8, 16), (32, 8, 16)]
+
+
+def test_counts_round_half_up_as_table_8_lists_them():
+    model = tiny_llama(num_layers=40, hidden=8, heads=2, kv_heads=1)
+    pyflex.patch_model(model, r=1, target_modules=["down_proj"])
+    for n_layers, n_u, n_v in TABLE_8:
+        s = ImportanceSchedule(model, layers=range(n_layers))
+        assert (len(s.layers), s.n_u, s.n_v) == (n_layers, n_u, n_v)
+        assert len(s.step()) == n_u
+    # official mode keeps the official code's int(L·fraction): 30 layers → 7 (the table's 8 is the paper's count)
+    s = ImportanceSchedule(model, layers=range(30), mode="official")
+    assert (s.n_u, s.n_v) == (7, 15)
+
+
 @pytest.mark.parametrize("mode", ["paper", "official"])
 def test_importance_update_matches_formula(patched, mode):
     reg = pyflex.get_registry(patched)
@@ -115,6 +131,35 @@ def test_importance_data_is_cycled(patched):
         s.step()
     assert [int(k) for k in seen_batches] == [0, 1, 0]
     assert reg is s.registry
+
+
+@pytest.mark.parametrize("source", ["list", "batches"])
+def test_importance_data_position_is_in_the_state(patched, source):
+    """A schedule restored mid-pass draws the importance batches the saved one would have drawn next."""
+    rows = [{"k": torch.tensor(i)} for i in range(5)]
+
+    def make(seen, seed):
+        data = rows[:3] if source == "list" else pyflex.ImportanceBatches(rows, batch_size=2, seed=seed)
+        loss = lambda model, batch: seen.append(batch["k"].tolist()) or torch.tensor(1.0)  # noqa: E731
+        return ImportanceSchedule(patched, t_c=1, n_c=1, loss_fn=loss, importance_data=data, seed=seed)
+
+    seen_a, seen_b = [], []
+    a = make(seen_a, 3)
+    for _ in range(5):  # updates at steps 1-4 draw 4 batches: one pass and one batch into the next
+        a.step()
+    state = a.state_dict()
+    for _ in range(6):
+        a.step()
+    b = make(seen_b, 8)  # another seed: the saved state decides
+    b.load_state_dict(state)
+    for _ in range(6):
+        b.step()
+    assert seen_b == seen_a[4:] and len(seen_b) == 6
+    if source == "list":
+        assert seen_a == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    else:  # passes of 2 + 2 + 1 rows, each a fresh permutation of all 5
+        passes = [sum(seen_a[k:k + 3], []) for k in (0, 3, 6)]
+        assert all(sorted(p) == [0, 1, 2, 3, 4] for p in passes) and passes[0] != passes[1]
 
 
 def test_default_loss_uses_model_output_and_restores_mode(patched):

@@ -1,4 +1,6 @@
 """LIFT schedule: exact sequences, training one block at a time, full-block mode and optimizer-state freeing."""
+import copy
+
 import pytest
 import torch
 
@@ -97,46 +99,81 @@ def test_lora_mode_trains_only_the_active_block(patched):
     assert losses[-1] < losses[0]
 
 
-def test_full_mode_trains_base_weights_and_frees_optimizer_state(patched):
-    reg = pyflex.get_registry(patched)
-    sched = LiftSchedule(patched, total_steps=4, policy="grouped", target="full")
-    params = sched.trainable_parameters()
-    block0 = {id(p) for p in reg[0].block.parameters()}
-    assert block0 <= {id(p) for p in params}
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    sched.attach_optimizer(opt)
-    batches = make_batches(4)
-    with pyflex.use_backend("reference"):
-        for step, batch in enumerate(batches):
-            sched.step(batch)
-            w = reg[step].block.mlp.down_proj.weight
-            w_before = w.detach().clone()
-            other = reg[(step + 1) % 4].block.mlp.down_proj.weight.detach().clone()
-            patched(**batch).loss.backward()
-            assert w.grad is not None, "the base weight of the active block got no gradient (∂W0)"
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            assert not torch.equal(w.detach(), w_before)
-            assert torch.equal(reg[(step + 1) % 4].block.mlp.down_proj.weight.detach(), other)
-            # only the active block holds optimizer state: the previous one was freed on leaving it
-            with_state = {id(p) for p in opt.state}
-            assert with_state <= {id(p) for p in reg[step].block.parameters()} | {id(p) for p in reg[step].parameters()}
-    assert sched.freed_state_count > 0
+def _lift_reference(model, batches, sequence, free_on_leave, lr=1e-3):
+    """LIFT full mode in plain PyTorch: block ``sequence[k]`` alone requires grad at step k, one AdamW over every
+    block parameter, the left block's AdamW state deleted when ``free_on_leave``. Returns the final state dict."""
+    blocks = model.model.layers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for b in blocks for p in b.parameters()], lr=lr)
+    previous = None
+    for block, batch in zip(sequence, batches):
+        if previous is not None and previous != block:
+            for p in blocks[previous].parameters():
+                p.requires_grad_(False)
+                if free_on_leave:
+                    opt.state.pop(p, None)
+        for p in blocks[block].parameters():
+            p.requires_grad_(True)
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        previous = block
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_full_mode_keep_optimizer_state(patched):
-    sched = LiftSchedule(patched, total_steps=4, target="full", keep_optimizer_state=True)
-    opt = torch.optim.AdamW(sched.trainable_parameters(), lr=1e-3)
-    sched.attach_optimizer(opt)
-    with pyflex.use_backend("reference"):
-        for batch in make_batches(2):
-            sched.step(batch)
-            patched(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    reg = pyflex.get_registry(patched)
-    assert sched.freed_state_count == 0
-    assert any(id(p) in {id(q) for q in opt.state} for p in reg[0].block.parameters())
+@pytest.mark.parametrize("keep", [False, True])
+def test_full_mode_trains_block_weights_without_adapters_in_a_plain_loop(keep):
+    """The README's loop (no attach_optimizer): only the active block's own weights train, no LoRA exists, the
+    left block's optimizer state is gone at the switch, and the weights equal a plain-PyTorch LIFT."""
+    model = tiny_llama(num_layers=4)
+    reference = copy.deepcopy(model)
+    sched = LiftSchedule(model, total_steps=8, policy="cyclic", target="full", keep_optimizer_state=keep)
+    assert not any(isinstance(m, pyflex.FlexLinear) for m in model.modules())
+    assert not any("lora" in n or n.endswith(".tau") for n, _ in model.named_parameters())
+    reg = pyflex.get_registry(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, _ in model.named_parameters() if n.startswith("model.layers.")]  # armed: blocks only
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batches = make_batches(8)
+    for step, batch in enumerate(batches):
+        active = sched.step(batch)[0]
+        block_ids = {id(p) for p in reg[active].block.parameters()}
+        in_state = {id(p) for p in opt.state}
+        if keep:
+            assert in_state >= {id(p) for i in range(min(step, 4)) for p in reg[i].block.parameters()}
+        else:  # at most the active block holds state (it had some when it was active a pass ago: now freed too)
+            assert in_state <= block_ids, f"step {step}: a left block still holds optimizer state"
+        before = snapshot(model.named_parameters())
+        model(**batch).loss.backward()
+        assert all(p.grad is not None for p in reg[active].block.parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+        assert changed and all(n.startswith(f"model.layers.{active}.") for n in changed), sorted(changed)[:3]
+    assert (sched.freed_state_count > 0) == (not keep)
+    want = _lift_reference(reference, batches, sched.sequence, free_on_leave=not keep)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), want[n]), n  # bitwise: skipped layers run the same kernels without autograd
+    pyflex.unpatch(model)  # the block registry comes off and every parameter trains again, as before
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_full_mode_optimizer_built_before_the_schedule_is_an_error():
+    model = tiny_llama(num_layers=4)
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)  # built too early
+    sched = LiftSchedule(model, total_steps=4, target="full")
+    sched.step()
+    model(**make_batches(1)[0]).loss.backward()
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        opt.step()
+
+
+def test_full_mode_refuses_a_model_with_adapters(patched):
+    with pytest.raises(ValueError, match="adapter parameters"):
+        LiftSchedule(patched, total_steps=4, target="full")
 
 
 def test_total_steps_can_come_later(patched):

@@ -12,11 +12,20 @@ A fractional count is rounded half up, each part gets at least one layer, and wi
 covers every layer) the LoRA part is ``L − n_prefix``. Explicit ratios are rounded half up the same way.
 ``counts=(n_lora, n_prefix)`` sets the counts directly.
 
-Gates (paper eq. 5 and 9; DESIGN §6): LoRA gate ``sigmoid(Linear(down_proj input → 1))`` per token and prefix gate
-``sigmoid(Linear(attention input after its norm → 1))`` per token, each mean-pooled per sample over non-padding
-tokens (the padding mask is captured by a forward pre-hook on the decoder stack), scaling respectively the LoRA term
-(through ``FlexLinear.gate``) and both P_k and P_v. Paper defaults: r = 8, α = 16, l = 20, lr 3e-3
-(:data:`HLPT_LR`).
+Gates (paper eq. 5 and 9; DESIGN §6), :class:`pyflex.prefix.PooledGate`:
+
+* LoRA gate (eq. 9): ``sigmoid(Linear(h_FN → 1))`` per token, where h_FN is the FFN block's input (the input of the
+  layer's ``mlp``; BERT: of ``intermediate``); it scales the down-projection LoRA term (α' = g·α, through
+  ``FlexLinear.gate``). ``gate_input="down_proj_input"`` reads down_proj's input instead, as the official code does.
+* Prefix gate (eq. 5): ``sigmoid(Linear(attention input after its norm → 1))`` per token; it scales P_k and P_v.
+
+Each is pooled per sample over the sample's real tokens (padding excluded; the mask comes from the model's
+:class:`pyflex.token_context.TokenContext`, so encoders' 4-D masks are handled): ``gate_pooling="causal"`` gives token
+t the mean over the real tokens up to t (the default for causal models: no look-ahead, and ``generate`` with a KV
+cache equals ``generate`` without), ``"sequence"`` the mean over all of them (DESIGN §6 as written; the default for
+bidirectional encoders; on a causal LM token t then depends on later tokens and cached decoding differs from
+cache-less decoding). The paper itself states no pooling (eq. 5, 9: g = Linear(x) ∈ (0, 1)).
+Paper defaults: r = 8, α = 16, l = 20, lr 3e-3 (:data:`HLPT_LR`).
 """
 from __future__ import annotations
 
@@ -27,9 +36,12 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from ..prefix import GatedPrefix, PooledGate, attach_prefix, enable_prefix_attention, install_gating_context
+from ..prefix import GatedPrefix, PooledGate, attach_prefix, enable_prefix_attention
+from ..token_context import install_token_context
 
 VARIANTS = ("hlpt", "h2lpt")
+GATE_INPUTS = ("ffn_input", "down_proj_input")
+GATE_POOLINGS = ("auto", "causal", "sequence")
 HLPT_LR = 3e-3  # the paper's learning rate for both hybrid methods (appendix B)
 
 __all__ = ["HLPT_LR", "HLPTPlan", "apply_hlpt", "hlpt_layer_counts"]
@@ -84,6 +96,8 @@ class HLPTPlan:
     prefix_len: int
     base_attention: str
     gated: bool = True
+    gate_input: str = "ffn_input"
+    gate_pooling: str = "causal"
     lr: float = HLPT_LR
     notes: List[str] = field(default_factory=list)
 
@@ -111,20 +125,20 @@ def _attention_dims(model: nn.Module, attention: nn.Module) -> Tuple[int, int, i
     return int(hidden), int(kv_heads), int(head_dim)
 
 
-def _decoder_of(model: nn.Module, layers: nn.Module) -> nn.Module:
-    """The module whose forward runs the layer list (its direct parent)."""
-    for module in model.modules():
-        for child in module.children():
-            if child is layers:
-                return module
-    raise ValueError("could not find the module that owns the layer list")
+def _ffn_input_path(spec) -> str:
+    """The module whose input is the FFN block's input h_FN: the parent of the first FFN projection (``mlp`` for
+    the decoder families, ``intermediate`` for BERT)."""
+    first = spec.ffn[0]
+    if "." not in first:
+        raise ValueError(f"cannot tell the FFN module from projection name {first!r}")
+    return first.rsplit(".", 1)[0]
 
 
 def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[float] = None,
                prefix_ratio: Optional[float] = None, counts: Optional[Tuple[int, int]] = None, prefix_len: int = 20,
-               r: int = 8, alpha: float = 16.0, gated: bool = True, prefix_init_std: float = 0.02,
-               **patch_kwargs) -> nn.Module:
-    """Apply HLPT (``variant="hlpt"``) or H²LPT (``"h2lpt"``) to an unpatched HF decoder model, in place.
+               r: int = 8, alpha: float = 16.0, gated: bool = True, gate_input: str = "ffn_input",
+               gate_pooling: str = "auto", prefix_init_std: float = 0.02, **patch_kwargs) -> nn.Module:
+    """Apply HLPT (``variant="hlpt"``) or H²LPT (``"h2lpt"``) to an unpatched HF model, in place.
 
     Args:
         model: a model whose family is in :mod:`pyflex.models` (must not be patched yet).
@@ -133,12 +147,25 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
         prefix_len: l, virtual tokens per prefix layer (paper: 20).
         r, alpha: LoRA rank and α of the down-projection LoRA (paper: 8, 16).
         gated: add the gates (the paper's method); False gives the "w/o gate" ablation.
+        gate_input: what the LoRA gate reads.
+            ``"ffn_input"`` (default, paper eq. 9): h_FN, the FFN block's input — the input of the layer's ``mlp``
+            (Llama-likes: the post-attention-norm output; GPT-2: ``ln_2``'s output; Phi-3: the input of the fused
+            gate_up_proj) or of BERT's ``intermediate``. The gate's Linear is hidden_size → 1.
+            ``"down_proj_input"`` (the official code's choice): the down projection's own input, act(gate)·up for
+            gated MLPs. The gate's Linear is intermediate_size → 1.
+            Either way the coefficient scales the down projection's LoRA term.
+        gate_pooling: how the per-token gate values are pooled over a sample's real (non-padding) tokens.
+            ``"causal"``: token t gets the mean over the real tokens up to t; ``"sequence"``: every token gets the
+            mean over all real tokens (DESIGN §6 as written; on a causal LM token t then depends on later
+            tokens, and KV-cached decoding differs from cache-less decoding). ``"auto"`` (default): "causal" when the
+            model's attention is causal (decoder LMs), "sequence" for bidirectional encoders (BERT).
         prefix_init_std: std of the normal init of P_k, P_v.
         **patch_kwargs: passed to :func:`pyflex.patch_model` (e.g. ``tau=True``, ``dropout``).
 
     Returns the model; ``model.pyflex_plan`` is the :class:`HLPTPlan`. Only the LoRA, gate and prefix parameters
-    require grad. The model's attention implementation becomes ``"pyflex_prefix"``, which delegates to the previous
-    one (sdpa, or eager if it was eager).
+    require grad. When the model has prefix layers its attention implementation becomes ``"pyflex_prefix_eager"``
+    if it was ``"eager"`` (layers call the model's own eager attention, e.g. with Gemma2's softcapping), else
+    ``"pyflex_prefix"`` (sdpa; a model on flash/flex attention moves to sdpa).
     """
     from ..handles import REGISTRY_ATTR
     from ..models import family_spec, resolve_layers
@@ -146,6 +173,10 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
 
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported; allowed: {', '.join(VARIANTS)}")
+    if gate_input not in GATE_INPUTS:
+        raise ValueError(f"gate_input={gate_input!r} is not supported; allowed: {', '.join(GATE_INPUTS)}")
+    if gate_pooling not in GATE_POOLINGS:
+        raise ValueError(f"gate_pooling={gate_pooling!r} is not supported; allowed: {', '.join(GATE_POOLINGS)}")
     if getattr(model, REGISTRY_ATTR, None) is not None:
         raise ValueError("apply_hlpt patches the model itself; call it on an unpatched model (it already has a "
                          "pyflex layer registry)")
@@ -166,35 +197,44 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
         raise ValueError(f"HLPT needs at least one LoRA layer, got n_lora={n_lora} for {L} layers")
     lora_layers = list(range(n_lora))
     prefix_layers = list(range(L - n_prefix, L))
-
-    decoder = _decoder_of(model, layers)
-    context = install_gating_context(decoder) if gated else None
+    attn_path = _attention_path(spec)
+    ffn_path = _ffn_input_path(spec)
+    if gate_pooling == "auto":
+        causal = bool(getattr(_get(layers[0], attn_path), "is_causal", True))
+        gate_pooling = "causal" if causal else "sequence"
 
     patch_model(model, r=r, alpha=alpha, target_modules="ffn_down", layers=lora_layers, **patch_kwargs)
     registry = get_registry(model)
+    context = install_token_context(model) if gated else None
 
     if gated:
         for i in lora_layers:
-            down = _get(registry[i].block, spec.ffn_down)
+            block = registry[i].block
+            down = _get(block, spec.ffn_down)
             if not hasattr(down, "gate"):
                 raise RuntimeError(f"layer {i} {spec.ffn_down} was not patched into a FlexLinear")
             w = down.weight
-            down.gate = PooledGate(down.in_features, context, dtype=w.dtype, device=w.device)
-            for p in down.gate.parameters():
+            if gate_input == "ffn_input":
+                hidden, _, _ = _attention_dims(model, _get(block, attn_path))
+                gate = PooledGate(hidden, context, pooling=gate_pooling, dtype=w.dtype, device=w.device)
+                gate.observe_input_of(_get(block, ffn_path), f"{registry[i].name}.{ffn_path}".lstrip("."))
+            else:
+                gate = PooledGate(down.in_features, context, pooling=gate_pooling, dtype=w.dtype, device=w.device)
+            down.gate = gate
+            for p in gate.parameters():
                 p.requires_grad_(True)
 
     base = None
     if prefix_layers:
         base = enable_prefix_attention(model)
-        attn_path = _attention_path(spec)
         for i in prefix_layers:
             handle = registry[i]
             attention = _get(handle.block, attn_path)
             hidden, kv_heads, head_dim = _attention_dims(model, attention)
             ref = next(attention.parameters())
             prefix = GatedPrefix(hidden, kv_heads, head_dim, prefix_len, context=context, gated=gated,
-                                 init_std=prefix_init_std, dtype=ref.dtype, device=ref.device)
-            attach_prefix(attention, prefix, base=base)
+                                 pooling=gate_pooling, init_std=prefix_init_std, dtype=ref.dtype, device=ref.device)
+            attach_prefix(attention, prefix)
             handle.add_adapter(f"{handle.name}.{attn_path}.pyflex_prefix" if handle.name else
                                f"{attn_path}.pyflex_prefix", prefix)
             for p in prefix.parameters():
@@ -202,5 +242,5 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
 
     model.pyflex_plan = HLPTPlan(variant=variant, num_layers=L, lora_layers=lora_layers, prefix_layers=prefix_layers,
                                  r=r, alpha=float(alpha), prefix_len=prefix_len, base_attention=base or "unchanged",
-                                 gated=gated)
+                                 gated=gated, gate_input=gate_input, gate_pooling=gate_pooling)
     return model

@@ -4,7 +4,7 @@ A schedule decides, before each training step, which layers of the model's layer
 
     schedule = ImportanceSchedule(model)            # or LiftSchedule(model, total_steps=...)
     optimizer = torch.optim.AdamW(schedule.trainable_parameters(), lr=...)   # or any list that holds them
-    schedule.attach_optimizer(optimizer)            # checks it; LIFT full mode also frees state through it
+    schedule.attach_optimizer(optimizer)            # optional: checks it (LIFT's full mode finds it by itself)
     for batch in loader:
         schedule.step(batch)                        # before the forward
         loss = model(**batch).loss; loss.backward(); optimizer.step(); optimizer.zero_grad()
@@ -21,6 +21,7 @@ Rules (DESIGN §5):
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -51,8 +52,15 @@ def _handle_params(handle, full_block: bool) -> List[nn.Parameter]:
     return list(params.values())
 
 
-def resolve_count(value, total: int, arg: str) -> int:
-    """A layer count given as a fraction in (0, 1] of ``total`` (floored, at least 1) or an int in [1, total]."""
+def resolve_count(value, total: int, arg: str, rounding: str = "half_up") -> int:
+    """A layer count given as a fraction in (0, 1] of ``total`` or an int in [1, total].
+
+    A fraction becomes ``value·total`` rounded half up (``rounding="half_up"``: IST's Table 8 lists 30 layers →
+    N_u = 8 for 25 %) or truncated (``rounding="floor"``: ``int(total·value)``, as IST's official code does),
+    then clamped to at least 1.
+    """
+    if rounding not in ("half_up", "floor"):
+        raise ValueError(f"rounding={rounding!r} is not supported; allowed: half_up, floor")
     if isinstance(value, bool):
         raise TypeError(f"{arg}={value!r} must be a fraction in (0, 1] or an int count")
     if isinstance(value, int):
@@ -62,7 +70,9 @@ def resolve_count(value, total: int, arg: str) -> int:
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"{arg}={value} is not allowed; a fraction must be in (0, 1]")
-        return max(1, min(total, int(value * total + 1e-9)))
+        # the 1e-9 keeps products such as 0.3·10 = 3.0000000000000004 or 0.7·10 = 6.999999999999999 on their integer
+        exact = value * total + (0.5 if rounding == "half_up" else 0.0)
+        return max(1, min(total, math.floor(exact + 1e-9)))
     raise TypeError(f"{arg}={value!r} must be a fraction in (0, 1] (float) or an int count")
 
 
@@ -98,7 +108,7 @@ class LayerSchedule:
         self.generator.manual_seed(self.seed)
         self.step_count = 0
         self._active: List[int] = []
-        self.optimizer = None
+        self.optimizers: list = []
         # One schedule drives a model at a time: the newest one owns the registry, and an older one that is still
         # stepped raises instead of fighting over the trainable switches.
         _OWNERS[self.registry] = weakref.ref(self)
@@ -122,17 +132,18 @@ class LayerSchedule:
             if p.dtype.is_floating_point:
                 p.requires_grad_(True)
 
-    def attach_optimizer(self, optimizer) -> None:
-        """Give the schedule the optimizer: it checks that every schedulable parameter is in it (a parameter
-        missing from the optimizer would silently never train) and lets LIFT free per-block state."""
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
-        in_opt = {id(p) for group in inner.param_groups for p in group["params"]}
+    def attach_optimizer(self, optimizer, *more) -> None:
+        """Give the schedule the optimizer(s) that train its parameters: it checks that every schedulable parameter
+        is in one of them (a parameter missing from the optimizer would silently never train) and lets LIFT free
+        per-block state. Wrappers with an ``.optimizer`` (accelerate's AcceleratedOptimizer) are unwrapped."""
+        inners = [getattr(opt, "optimizer", opt) for opt in (optimizer,) + more]
+        in_opt = {id(p) for inner in inners for group in inner.param_groups for p in group["params"]}
         missing = [p for p in self.trainable_parameters() if p.dtype.is_floating_point and id(p) not in in_opt]
         if missing:
             raise ValueError(f"{len(missing)} parameters the schedule may train are not in the optimizer; build the "
                              "optimizer after creating the schedule (it sets requires_grad=True on all of them) and "
                              "before its first step(), e.g. from schedule.trainable_parameters()")
-        self.optimizer = inner
+        self.optimizers = inners
 
     # -- activity ---------------------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 Paper mode (``mode="paper"``, the default and the spec):
     * importance I ∈ R^L, zero-initialised;
+    * fractions of L become counts rounded half up, as Table 8 lists them (30 layers: N_u = 8, N_v = 15);
     * each step: p_i ~ U(0, sigmoid(I_i)) and the N_u layers with the largest p_i train (eq. 6-7);
     * every T_c steps (before the step's sampling, at steps T_c, 2T_c, ...): N_c candidate sets S_j of N_v layers
       are drawn with the same policy (p_i ~ U(0, sigmoid(I_i)), top N_v — the paper does not say how they are
@@ -17,8 +18,10 @@ differs from the paper in these ways:
     * U_i += μ·r_j·p_i(1−p_i) with p = sigmoid(U) taken before the round, for i in the suppressed set;
     * the active set is ``multinomial(sigmoid(−U), N_u)`` without replacement;
     * the importance batch comes from its own shuffled DataLoader over the training set (pass
-      ``importance_data``; :class:`pyflex.callbacks.PyflexCallback` builds one when given a dataset);
-    * counts are ``int(L·fraction)`` (the same here in both modes).
+      ``importance_data``; :class:`pyflex.callbacks.PyflexCallback` builds an :class:`ImportanceBatches` over the
+      Trainer's training set);
+    * counts are ``int(L·fraction)``: 30 layers → N_u = 7, where the paper's Table 8 lists 8 (paper mode rounds
+      half up: 32 → 8/16, 40 → 10/20, 28 → 7/14, 30 → 8/15).
     Both modes resample the active set every step (the paper's "in each training iteration"), and both run the
     importance forwards in eval mode (dropout off) under no_grad, restoring the train mode and every handle's
     previous response scale afterwards.
@@ -61,13 +64,67 @@ def _move(batch, device):
     return batch
 
 
+class ImportanceBatches:
+    """Endless shuffled batches over a map-style dataset for IST's importance forwards, resumable exactly.
+
+    Pass k visits the dataset in the order ``torch.randperm(len(dataset))`` drawn from a generator seeded from
+    (``seed``, k), in batches of ``batch_size`` (the last one of a pass may be smaller), collated by ``collate_fn``
+    (default: torch's ``default_collate``). The position — pass and batches drawn in it — is the whole state
+    (:meth:`state_dict`), so a run resumed from a checkpoint draws the same batches as one that never stopped. It
+    touches no global RNG: iterating a torch DataLoader draws its base seed from the global generator, which
+    would shift the Trainer's own random stream (dropout, data order) against the uninterrupted run. Every process
+    of a distributed run draws the same batch, so their importance scores stay equal.
+    """
+
+    def __init__(self, dataset, batch_size: int, collate_fn: Optional[Callable] = None, seed: int = 0):
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise TypeError(f"dataset of type {type(dataset).__name__} is not map-style (needs __len__ and "
+                            "__getitem__); pass IST an importance_data iterable of batches instead")
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty; IST's importance forwards need at least one sample")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not allowed; it must be an int >= 1")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, int(seed)
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+        self.epoch, self.position = 0, 0
+        self._order: Optional[torch.Tensor] = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        n = len(self.dataset)
+        if self.position * self.batch_size >= n:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2 ** 63))
+            self._order = torch.randperm(n, generator=g)
+        rows = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size].tolist()
+        self.position += 1
+        return self.collate_fn([self.dataset[i] for i in rows])
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.dataset),
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Continue where ``state`` was saved, with its seed (as a schedule's state overrides its seed)."""
+        mine = {"size": len(self.dataset), "batch_size": self.batch_size}
+        theirs = {k: state[k] for k in mine}
+        if theirs != mine:
+            raise ValueError(f"importance batches state was saved for {theirs}, this one has {mine}")
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._order = None
+
+
 class ImportanceSchedule(LayerSchedule):
     """Importance-aware sparse tuning.
 
     Args:
         model: the patched model (needed for the importance forwards) — not just its registry.
-        n_u: layers trained per step: fraction of the schedule's layers (0.25) or a count.
-        n_v: layers per candidate set: fraction (0.5) or a count.
+        n_u: layers trained per step: fraction of the schedule's layers (0.25) or a count. A fraction is rounded
+            half up in paper mode, truncated in official mode.
+        n_v: layers per candidate set: fraction (0.5) or a count, rounded like ``n_u``.
         n_c: candidate sets per importance update (3).
         t_c: importance update interval in steps (10).
         beta: response suppression factor β (0.25).
@@ -76,6 +133,10 @@ class ImportanceSchedule(LayerSchedule):
         loss_fn: ``loss_fn(model, batch) -> loss`` for the importance forwards; default ``model(**batch).loss``.
         importance_data: an iterable of batches (e.g. a shuffled DataLoader over the training set) to draw each
             importance batch from, cycled; default: the batch passed to :meth:`step` (the current training batch).
+            Its position is part of :meth:`state_dict`: a source with ``state_dict``/``load_state_dict``
+            (:class:`ImportanceBatches`, torchdata's StatefulDataLoader) restores its own; any other iterable is
+            restarted and the batches already drawn in the current pass are skipped, which resumes exactly when
+            each pass yields the same batches (a list, an unshuffled DataLoader).
         layers: registry indices to choose among (default: every layer with adapters).
         seed: seed of the private generator.
 
@@ -99,12 +160,15 @@ class ImportanceSchedule(LayerSchedule):
             raise ValueError(f"mu={mu!r} is not allowed; it must be finite")
         super().__init__(model, layers=layers, seed=seed)
         L = len(self.layers)
-        self.n_u = resolve_count(n_u, L, "n_u")
-        self.n_v = resolve_count(n_v, L, "n_v")
+        rounding = "half_up" if mode == "paper" else "floor"
+        self.n_u = resolve_count(n_u, L, "n_u", rounding)
+        self.n_v = resolve_count(n_v, L, "n_v", rounding)
         self.n_c, self.t_c, self.beta, self.mu, self.mode = n_c, t_c, float(beta), float(mu), mode
         self.loss_fn = loss_fn or _default_loss
         self.importance_data = importance_data
         self._data_iter = None
+        self._data_drawn = 0        # batches drawn from the current pass over importance_data
+        self._data_resume = None    # the importance_data position of a loaded state, applied at the next draw
         self.scores = torch.zeros(L, dtype=torch.float64)  # I (paper) or U (official)
         self.history: List[Dict[str, Any]] = []
 
@@ -135,12 +199,13 @@ class ImportanceSchedule(LayerSchedule):
     def _importance_batch(self, batch):
         if self.importance_data is not None:
             if self._data_iter is None:
-                self._data_iter = iter(self.importance_data)
+                self._data_iter = self._start_data()
             try:
                 batch = next(self._data_iter)
             except StopIteration:
-                self._data_iter = iter(self.importance_data)
+                self._data_iter, self._data_drawn = iter(self.importance_data), 0
                 batch = next(self._data_iter)
+            self._data_drawn += 1
         if batch is None:
             raise ValueError("IST needs a batch for its importance update: pass the training batch to "
                              "schedule.step(batch), or give importance_data=<DataLoader> (the callback does this)")
@@ -151,6 +216,27 @@ class ImportanceSchedule(LayerSchedule):
             except StopIteration:
                 pass
         return batch
+
+    def _start_data(self):
+        """An iterator over ``importance_data`` at the position a loaded state recorded (else at its start)."""
+        data, resume = self.importance_data, self._data_resume
+        self._data_resume, self._data_drawn = None, 0
+        if resume is not None and resume["kind"] == "stateful":
+            data.load_state_dict(resume["state"])
+            return iter(data)
+        it = iter(data)
+        if resume is not None:  # a plain iterable: replay the batches the saved run had drawn in this pass
+            for _ in range(resume["drawn"]):
+                next(it)
+            self._data_drawn = resume["drawn"]
+        return it
+
+    def _data_state(self) -> Optional[Dict[str, Any]]:
+        if self._data_iter is None:
+            return self._data_resume
+        if callable(getattr(self.importance_data, "state_dict", None)):
+            return {"kind": "stateful", "state": self.importance_data.state_dict()}
+        return {"kind": "position", "drawn": self._data_drawn}
 
     def _candidate_sets(self) -> List[List[int]]:
         sets: List[List[int]] = []
@@ -216,7 +302,8 @@ class ImportanceSchedule(LayerSchedule):
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
         state.update(scores=self.scores.clone(), mode=self.mode, history=list(self.history),
-                     hparams=dict(n_u=self.n_u, n_v=self.n_v, n_c=self.n_c, t_c=self.t_c, beta=self.beta, mu=self.mu))
+                     hparams=dict(n_u=self.n_u, n_v=self.n_v, n_c=self.n_c, t_c=self.t_c, beta=self.beta, mu=self.mu),
+                     importance_data=self._data_state())
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -227,6 +314,7 @@ class ImportanceSchedule(LayerSchedule):
             raise ValueError(f"state hyper-parameters {state['hparams']} differ from this schedule's {mine}")
         self.scores = state["scores"].clone().to(torch.float64)
         self.history = list(state.get("history", []))
+        self._data_iter, self._data_resume = None, state.get("importance_data")
         super().load_state_dict(state)
 
     # -- plotting ---------------------------------------------------------------------------------

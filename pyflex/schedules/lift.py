@@ -16,18 +16,27 @@ Sequence construction for ``total_steps = t`` over the N blocks of the layer ran
 
 Target:
 * ``"lora"``: the block's adapters train (base frozen, as after patching).
-* ``"full"``: every parameter of the block trains (the paper's LIFT); FlexLinear's base weight gets its gradient
-  from the op's ∂W0. When the schedule leaves a block, that block's optimizer state is deleted (``opt.state[p]``)
-  unless ``keep_optimizer_state=True`` — LIFT's memory saving depends on it. The optimizer must be attached with
-  :meth:`LiftSchedule.attach_optimizer` for that.
+* ``"full"``: every parameter of the block trains and no LoRA adapter exists (the paper's LIFT). Pass the
+  *unpatched* model: the schedule gives it a layer registry without adapters
+  (:func:`pyflex.handles.attach_block_registry`; every parameter frozen, the frozen-prefix skip on), and the blocks
+  run their own modules. A model patched with adapters is refused. When the schedule leaves a block, that block's
+  optimizer state is deleted (``opt.state[p]``) unless ``keep_optimizer_state=True`` — LIFT's memory saving
+  depends on it. No call is needed for that: the schedule watches optimizer steps (a torch optimizer step
+  pre-hook), takes the first optimizer that steps parameters of the model as the training optimizer — an error
+  if it lacks some of the schedule's parameters, as an optimizer built before the schedule armed the blocks
+  does — and from then on frees a left block's state at the switch. :meth:`LiftSchedule.attach_optimizer`
+  names the optimizer explicitly (PyflexCallback does).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .base import LayerSchedule
+from .base import _OWNERS, LayerSchedule, resolve_registry
 
 ORDERS = ("front2end", "end2front", "random")
 POLICIES = ("grouped", "cyclic")
@@ -78,6 +87,18 @@ def lift_sequence(blocks: Sequence[int], total_steps: int, *, order: str = "fron
     return seq
 
 
+class _OptimizerWatch:
+    """Optimizer step pre-hook of a full-block LiftSchedule; holds it weakly so a dropped schedule is collected."""
+
+    def __init__(self, schedule_ref):
+        self.schedule_ref = schedule_ref
+
+    def __call__(self, optimizer, args, kwargs):
+        schedule = self.schedule_ref()
+        if schedule is not None:
+            schedule._on_optimizer_step(optimizer)
+
+
 class LiftSchedule(LayerSchedule):
     """One block at a time, in a fixed precomputed sequence.
 
@@ -89,14 +110,17 @@ class LiftSchedule(LayerSchedule):
         policy: "grouped" (paper default) | "cyclic".
         layer_range: (start, stop) registry indices, half-open; default all layers (the paper's main setting).
         layers: explicit list of block indices instead of a range.
-        target: "lora" (the block's adapters) | "full" (all the block's parameters).
+        target: "lora" (the block's adapters) | "full" (all the block's parameters, no adapters: pass the
+            unpatched model).
         keep_optimizer_state: in "full" mode, keep a left block's optimizer state (default: free it).
         seed: seed of the private generator (used by order="random").
+        layers_path: "full" mode on a family outside pyflex.models: dotted path of the layer ModuleList.
     """
 
     def __init__(self, model, total_steps: Optional[int] = None, *, order: str = "front2end", policy: str = "grouped",
                  layer_range: Optional[Tuple[int, int]] = None, layers: Optional[Sequence[int]] = None,
-                 target: str = "lora", keep_optimizer_state: bool = False, seed: int = 0):
+                 target: str = "lora", keep_optimizer_state: bool = False, seed: int = 0,
+                 layers_path: Optional[str] = None):
         if target not in TARGETS:
             raise ValueError(f"target={target!r} is not supported; allowed: {', '.join(TARGETS)}")
         if layer_range is not None and layers is not None:
@@ -106,9 +130,10 @@ class LiftSchedule(LayerSchedule):
             if not (isinstance(start, int) and isinstance(stop, int) and start < stop):
                 raise ValueError(f"layer_range={layer_range!r} must be (start, stop) ints with start < stop (half-open)")
             layers = list(range(start, stop))
-        if layers is None and target == "full":
-            from .base import resolve_registry
-            layers = [h.index for h in resolve_registry(model).layers]
+        if target == "full":
+            registry = self._full_block_registry(model, layers_path)
+            if layers is None:
+                layers = [h.index for h in registry.layers]
         super().__init__(model, layers=layers, seed=seed, full_block=(target == "full"))
         self.target = target
         self.order = order
@@ -119,6 +144,30 @@ class LiftSchedule(LayerSchedule):
         if total_steps is not None:
             self.set_total_steps(total_steps)
         self.freed_state_count = 0  # optimizer-state entries deleted so far (for tests and logging)
+        self._left: List[int] = []  # blocks left before the optimizer was known: their state is freed when it is
+        if self.full_block:
+            self._examined: "weakref.WeakSet" = weakref.WeakSet()
+            handle = register_optimizer_step_pre_hook(_OptimizerWatch(weakref.ref(self)))
+            weakref.finalize(self, handle.remove)
+
+    @staticmethod
+    def _full_block_registry(model, layers_path):
+        """The registry for full-block mode: attached to an unpatched model here; a model with adapters is refused."""
+        from ..handles import attach_block_registry
+        from ..patch import is_patched
+
+        if isinstance(model, nn.Module) and not is_patched(model):
+            return attach_block_registry(model, layers_path)
+        registry = resolve_registry(model)
+        adapters = registry.adapter_parameters()
+        if adapters:
+            raise ValueError(f"target='full' trains each block's own weights with no LoRA adapter, but this model has "
+                             f"{len(adapters)} adapter parameters (it was patched with adapters); pass the unpatched "
+                             "model (pyflex.unpatch(model) first) or use target='lora'")
+        if layers_path is not None:
+            raise ValueError(f"layers_path={layers_path!r} only locates the layers of an unpatched model; this one "
+                             "already has a layer registry")
+        return registry
 
     def set_total_steps(self, total_steps: int) -> None:
         """Build the sequence for t = ``total_steps`` (once; a different t later is an error)."""
@@ -142,15 +191,36 @@ class LiftSchedule(LayerSchedule):
         if self.full_block and not self.keep_optimizer_state:
             for i in previous:
                 if i not in self._active:
-                    self._free_optimizer_state(i)
+                    if self.optimizers:
+                        self._free_optimizer_state(i)
+                    else:
+                        self._left.append(i)
 
     def _free_optimizer_state(self, index: int) -> None:
-        if self.optimizer is None:
+        for optimizer in self.optimizers:
+            for p in self._params_of(index):
+                if p in optimizer.state:
+                    del optimizer.state[p]
+                    self.freed_state_count += 1
+
+    def _on_optimizer_step(self, optimizer) -> None:
+        """Before any optimizer's step: adopt the model's optimizer (checked), then free the state of blocks left
+        while it was not known yet (a block not active now holds no state it will need before it is active again)."""
+        owner = _OWNERS.get(self.registry)
+        if owner is None or owner() is not self:  # a newer schedule drives the model now
             return
-        for p in self._params_of(index):
-            if p in self.optimizer.state:
-                del self.optimizer.state[p]
-                self.freed_state_count += 1
+        if not self.optimizers:
+            if optimizer in self._examined:
+                return
+            model_params = {id(p) for p in self.registry.model.parameters()}
+            if not any(id(p) in model_params for g in optimizer.param_groups for p in g["params"]):
+                self._examined.add(optimizer)
+                return
+            self.attach_optimizer(optimizer)  # raises when the optimizer lacks some of the schedule's parameters
+        if optimizer in self.optimizers and self._left and not self.keep_optimizer_state:
+            for i in sorted(set(self._left) - set(self._active)):
+                self._free_optimizer_state(i)
+            self._left = []
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
