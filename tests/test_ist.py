@@ -226,3 +226,16 @@ def test_plot_importance(tmp_path, patched):
     path = tmp_path / "imp.png"
     ax = s.plot_importance(str(path))
     assert path.stat().st_size > 0 and len(ax.lines) == 4
+
+
+def test_trainable_parameters_include_heads_outside_the_layers():
+    """modules_to_save heads live outside every layer: a schedule's parameter list must still hold them, else an
+    optimizer built from it never trains the head."""
+    import transformers as tf
+    from tiny_models import tiny_config
+    torch.manual_seed(0)
+    model = tf.LlamaForSequenceClassification(tiny_config("llama", 4))
+    pyflex.patch_model(model, r=4, modules_to_save=["score"])
+    sched = pyflex.ImportanceSchedule(model)
+    ids = {id(p) for p in sched.trainable_parameters()}
+    assert all(id(p) in ids for p in model.score.parameters())

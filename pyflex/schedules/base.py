@@ -119,11 +119,16 @@ class LayerSchedule:
         return _handle_params(self.registry[index], self.full_block)
 
     def trainable_parameters(self) -> List[nn.Parameter]:
-        """Every parameter this schedule may train (build the optimizer on a list that contains them)."""
+        """Every parameter this schedule may train (build the optimizer on a list that contains them): the scheduled
+        layers' and, always on, the adapters outside every layer (``modules_to_save`` heads, a targeted lm_head)."""
         seen: Dict[int, nn.Parameter] = {}
         for i in self.layers:
             for p in self._params_of(i):
                 seen[id(p)] = p
+        for module in self.registry.extra_adapters.values():
+            for p in module.parameters():
+                if p.requires_grad:
+                    seen[id(p)] = p
         return list(seen.values())
 
     def _arm(self) -> None:
