@@ -62,11 +62,11 @@ setup(
     ext_modules=[CMakeExtension("pyflex._C")],
     cmdclass={"build_ext": CMakeBuild},
     # The ranges the test suite covers (README, "Supported versions"); CI installs the newest releases pip resolves.
-    install_requires=["torch>=2.6", "triton>=3.2", "transformers>=5.0", "safetensors>=0.4"],
+    install_requires=["torch>=2.6", "triton>=3.2", "transformers>=5.24", "safetensors>=0.4"],
     # fused: liger-kernel's RMSNorm / SwiGLU / fused linear cross-entropy for pyflex.fuse_model_ops (optional).
     # test: peft is the baseline the tests compare with; accelerate is needed by the HF Trainer; matplotlib draws
     # the demo's and the profiler's charts.
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.17", "accelerate", "matplotlib", "pybind11", "ninja",
+    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21", "accelerate", "matplotlib", "pybind11", "ninja",
                              "liger-kernel>=0.8"],
                     "fused": ["liger-kernel>=0.8"]},
 )
