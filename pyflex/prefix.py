@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .compat import eager_attention_function
@@ -150,7 +151,9 @@ class PooledGate(nn.Module):
             raise ValueError(f"the gate input must be (B, S, {self.linear.in_features}) or (S, "
                              f"{self.linear.in_features}), got shape {tuple(h.shape)}")
         h3 = h if h.dim() == 3 else h.unsqueeze(0)
-        g = torch.sigmoid(self.linear(h3.to(self.linear.weight.dtype))).squeeze(-1)  # (B, S)
+        # fp32 master weights on a 16-bit model: cast the (1, in) weight to the activation, never the activation
+        w_, b_ = self.linear.weight, self.linear.bias
+        g = torch.sigmoid(F.linear(h3, w_.to(h3.dtype), None if b_ is None else b_.to(h3.dtype))).squeeze(-1)  # (B, S)
         cdt = torch.promote_types(g.dtype, torch.float32)
         g = g.to(cdt)
         batch, seq = g.shape

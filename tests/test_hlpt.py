@@ -314,3 +314,15 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 6))
     with pyflex.use_backend("reference"), torch.no_grad():
         torch.testing.assert_close(dst(input_ids=ids).logits, src(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gates_and_prefixes_are_fp32_master_weights_on_16_bit_bases(dtype):
+    """As lora_A/lora_B: every trainable HLPT parameter is fp32 on a 16-bit base; outputs stay in the base dtype."""
+    from tiny_models import tiny_model, tokens
+    model = pyflex.apply_hlpt(tiny_model("llama", layers=4).to(dtype), counts=(2, 2), prefix_len=3)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert any("pyflex_prefix" in n for n, _ in trainable) and any(".gate." in n for n, _ in trainable)
+    assert all(p.dtype == torch.float32 for _, p in trainable), [(n, p.dtype) for n, p in trainable]
+    logits = model(input_ids=tokens(batch=2, seq=5)).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()

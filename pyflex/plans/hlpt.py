@@ -36,6 +36,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
+from ..layers import default_adapter_dtype
 from ..prefix import GatedPrefix, PooledGate, attach_prefix, enable_prefix_attention
 from ..token_context import install_token_context
 
@@ -216,10 +217,12 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
             w = down.weight
             if gate_input == "ffn_input":
                 hidden, _, _ = _attention_dims(model, _get(block, attn_path))
-                gate = PooledGate(hidden, context, pooling=gate_pooling, dtype=w.dtype, device=w.device)
+                gate = PooledGate(hidden, context, pooling=gate_pooling, dtype=default_adapter_dtype(w.dtype),
+                                  device=w.device)
                 gate.observe_input_of(_get(block, ffn_path), f"{registry[i].name}.{ffn_path}".lstrip("."))
             else:
-                gate = PooledGate(down.in_features, context, pooling=gate_pooling, dtype=w.dtype, device=w.device)
+                gate = PooledGate(down.in_features, context, pooling=gate_pooling,
+                                  dtype=default_adapter_dtype(w.dtype), device=w.device)
             down.gate = gate
             for p in gate.parameters():
                 p.requires_grad_(True)
@@ -233,7 +236,8 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
             hidden, kv_heads, head_dim = _attention_dims(model, attention)
             ref = next(attention.parameters())
             prefix = GatedPrefix(hidden, kv_heads, head_dim, prefix_len, context=context, gated=gated,
-                                 pooling=gate_pooling, init_std=prefix_init_std, dtype=ref.dtype, device=ref.device)
+                                 pooling=gate_pooling, init_std=prefix_init_std,
+                                 dtype=default_adapter_dtype(ref.dtype), device=ref.device)
             attach_prefix(attention, prefix)
             handle.add_adapter(f"{handle.name}.{attn_path}.pyflex_prefix" if handle.name else
                                f"{attn_path}.pyflex_prefix", prefix)
