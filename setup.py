@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -55,7 +55,8 @@ setup(
     version="0.1.0",
     description="Triton/C++ kernel-accelerated PEFT runtime for Hugging Face models",
     python_requires=">=3.10",
-    packages=["pyflex", "pyflex.plans", "pyflex.schedules", "pyflex.kernels"],
+    # pyflex and its subpackages (lora, layers, model, methods, integrations, demo, ...), plus the kernels below
+    packages=find_packages(include=("pyflex", "pyflex.*"), exclude=("pyflex.kernels",)) + ["pyflex.kernels"],
     # kernels/ lives at the top level of the repo but installs as pyflex.kernels: a top-level `kernels`
     # module would shadow Hugging Face's `kernels` package, which transformers imports.
     package_dir={"pyflex.kernels": "kernels"},

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import pyflex
-from pyflex import reference
+from pyflex.lora import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -79,7 +79,7 @@ def test_fwd_bwd(benchmark, M, K, N, r, impl, tau_on):
 
     step()  # warm-up: Triton compilation, oneDNN primitive creation
     benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), threads=torch.get_num_threads(),
-                                backend=pyflex.ops.resolve_backend(x.device)[0] if impl == "flex_lora" else "torch")
+                                backend=pyflex.resolve_backend(x.device)[0] if impl == "flex_lora" else "torch")
     if tau_on:
         _, mask = pyflex.flex_lora(x.detach(), weight, bias, lora_A.detach(), lora_B.detach(), SCALE,
                                    tau=tau.detach(), return_mask=True)
@@ -95,7 +95,7 @@ def test_per_call_overhead(benchmark, case):
     directly (no validation, dispatch or autograd)."""
     x, weight, bias, lora_A, lora_B, gy = _case(4, 64, 64, 8)
     tau = torch.tensor(0.0, device=DEVICE, requires_grad=True) if case == "op_fwd_bwd_tau" else None
-    backend = pyflex.ops.resolve_backend(x.device)[1]
+    backend = pyflex.resolve_backend(x.device)[1]
     cscale = torch.full((4,), SCALE, device=DEVICE, dtype=torch.float32 if DTYPE != torch.float64 else DTYPE)
     xd = x.detach()
 
@@ -116,7 +116,7 @@ def test_per_call_overhead(benchmark, case):
             torch.cuda.synchronize()
 
     step()
-    benchmark.extra_info.update(device=DEVICE, backend=pyflex.ops.resolve_backend(x.device)[0],
+    benchmark.extra_info.update(device=DEVICE, backend=pyflex.resolve_backend(x.device)[0],
                                 threads=torch.get_num_threads())
     benchmark.pedantic(step, rounds=200, iterations=10, warmup_rounds=5)
 
@@ -146,7 +146,7 @@ def test_adapter_dtype_step(benchmark, base_dtype, adapters):
 
     step()
     benchmark.extra_info.update(device=DEVICE, base_dtype=str(base_dtype), adapter_dtype=str(layer.lora_A.dtype),
-                                backend=pyflex.ops.resolve_backend(x.device)[0], threads=torch.get_num_threads())
+                                backend=pyflex.resolve_backend(x.device)[0], threads=torch.get_num_threads())
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     # fp16 adapters under AdamW overflow (eps=1e-8 underflows in fp16): recorded, the reason fp32 is the default
     benchmark.extra_info["adapters_finite"] = bool(torch.isfinite(layer.lora_A).all() and

@@ -42,7 +42,7 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 import pyflex  # noqa: E402
-from pyflex import reference  # noqa: E402
+from pyflex.lora import reference  # noqa: E402
 from pyflex.kernels import flex_lora as fk  # noqa: E402
 from step_fns import step_fn  # noqa: E402  (bench/ is on sys.path as the script's or pytest's rootdir folder)
 

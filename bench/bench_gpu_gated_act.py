@@ -2,7 +2,7 @@
 
 Compared in the same run, same inputs (bf16, M tokens × I intermediate):
     eager     F.silu(g) * u / F.gelu(g, approximate="tanh") * u with autograd (what HF's MLPs run)
-    pyflex    pyflex.gated_mlp.gated_act (Triton kernels of pyflex.kernels.gated_act; saves g and u only)
+    pyflex    pyflex.layers.gated_mlp.gated_act (Triton kernels of pyflex.kernels.gated_act; saves g and u only)
     liger     liger-kernel's LigerSiLUMulFunction / LigerGELUMulFunction, when importable
 
     python bench/bench_gpu_gated_act.py --out gated_act.json
@@ -46,7 +46,7 @@ def _liger(act):
 
 def build(impl, M, N, train, act="silu", dtype=torch.bfloat16):
     """(fn, grad leaves) or None when the implementation is not available."""
-    from pyflex import gated_mlp
+    from pyflex.layers import gated_mlp
 
     g0 = torch.Generator(device="cuda").manual_seed(0)
     g = torch.randn(M, N, device="cuda", dtype=dtype, generator=g0).requires_grad_(train)

@@ -1,6 +1,6 @@
 """Speed and memory of whole training steps, per fine-tuning method, on a LLaMA-style model built from a config.
 
-Default (GPU): the 1.1B model of shared/ANCHORS.md — hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV
+Default (GPU): the LLaMA-style 1.1B model — hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV
 heads, vocab 32000, random init, bf16, SDPA, batch 8 × 1024 tokens, LoRA r=16 α=32 on q,k,v,o,gate,up,down,
 AdamW lr 1e-4, median step time of steps 3–12 (``--warmup 2 --steps 10``).
 Without a CUDA device the tiny config is used instead (unless ``--size`` says otherwise), so CI can smoke-test it.
@@ -13,14 +13,14 @@ Methods (each in a fresh model; memory is freed between them):
     hf_floor     frozen model, no adapters, backward through every layer (the embeddings' output requires grad)
     peft         HF PEFT LoRA, default (fp32 adapters on the bf16 model)
     peft_bf16    HF PEFT LoRA with bf16 adapters (autocast_adapter_dtype=False)
-    pyflex_lora  pyflex.patch_model LoRA (gated-MLP recompute on: the default, see pyflex.gated_mlp)
+    pyflex_lora  pyflex.patch_model LoRA (gated-MLP recompute on: the default, see pyflex.layers.gated_mlp)
     pyflex_lora_norecompute  the same with patch_model(recompute_mlp=False): the MLP keeps what eager keeps
     pyflex_lora_fused  pyflex LoRA + pyflex.fuse_model_ops (liger-kernel RMSNorm, SwiGLU, fused linear CE; CUDA)
     pyflex_tau   pyflex LoRA + PEFT_S τ mask (pyflex.tau_param_groups); reports per-layer sparsity
     ist          pyflex LoRA + ImportanceSchedule (its importance forwards every T_c steps are part of the step time)
     lift_f2e     pyflex LoRA + LiftSchedule(order="front2end")
     lift_e2f     pyflex LoRA + LiftSchedule(order="end2front")
-    hlpt, h2lpt  pyflex.plans.apply_hlpt(variant=...)
+    hlpt, h2lpt  pyflex.apply_hlpt(variant=...)
 
 Timing: each step is split into schedule (IST/LIFT ``step(batch)``), forward (including the loss), backward and
 optimizer (``step`` + ``zero_grad``); CUDA events on GPU, ``time.perf_counter`` on CPU. Peak memory:
@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SIZES = {
-    # shared/ANCHORS.md
+    # the LLaMA-style 1.1B model the README's GPU tables use
     "1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=8, seq=1024),
     # CPU smoke test: same shape family, seconds per method on 2 cores
     "tiny": dict(hidden=128, intermediate=344, layers=4, heads=4, kv_heads=2, vocab=512, batch=2, seq=64),
@@ -190,7 +190,7 @@ def setup_pyflex_tau(model, args) -> Setup:
 
 
 def setup_ist(model, args) -> Setup:
-    from pyflex.schedules import ImportanceSchedule
+    from pyflex.methods.ist import ImportanceSchedule
 
     _patch(model, args)
     schedule = ImportanceSchedule(model, seed=args.seed)
@@ -206,7 +206,7 @@ def setup_ist(model, args) -> Setup:
 
 def _setup_lift(model, args, order: str) -> Setup:
     import pyflex
-    from pyflex.schedules import LiftSchedule
+    from pyflex.methods.lift import LiftSchedule
 
     _patch(model, args)
     n_layers = len(pyflex.get_registry(model))
@@ -233,7 +233,7 @@ def setup_lift_e2f(model, args) -> Setup:
 
 
 def _setup_hlpt(model, args, variant: str) -> Setup:
-    from pyflex.plans import apply_hlpt
+    from pyflex.methods.hlpt import apply_hlpt
 
     apply_hlpt(model, variant=variant, r=args.r, alpha=args.alpha)
     plan = model.pyflex_plan

@@ -37,14 +37,14 @@ status=0
 if [ "${PYFLEX_SKIP_TESTS:-0}" != "1" ]; then
   xdist=""
   python -c "import xdist" 2>/dev/null && xdist="-n 8"  # parallel workers share Triton's compile cache
-  timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/test_triton_kernels.py -q $xdist -p no:cacheprovider \
+  timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/kernels/test_flex_lora_kernels.py -q $xdist -p no:cacheprovider \
     --durations=5 > "$OUT/tests.txt" 2>&1 || status=$?
-  if [ -f tests/test_flex_lora.py ]; then  # the op-level tests, triton backend
-    timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/test_flex_lora.py -k triton -q $xdist \
+  if [ -f tests/lora/test_backend_contract.py ]; then  # the op-level tests, triton backend
+    timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/lora/test_backend_contract.py -k triton -q $xdist \
       -p no:cacheprovider >> "$OUT/tests.txt" 2>&1 || status=$?
   fi
   # GPU-only model-level checks: liger composition numerics, gated-MLP recompute, patched models on CUDA
-  timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/test_fused_ops.py tests/test_gated_mlp.py -q \
+  timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/integrations/test_liger.py tests/layers/test_gated_mlp.py -q \
     -p no:cacheprovider >> "$OUT/tests.txt" 2>&1 || status=$?
   grep -E "passed|failed|FAILED|Error" "$OUT/tests.txt" | tail -25
 fi

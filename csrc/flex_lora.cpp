@@ -1,4 +1,4 @@
-// pyflex._C: the C++ (OpenMP) CPU backend of the τ-masked LoRA linear (DESIGN.md §3).
+// pyflex._C: the C++ (OpenMP) CPU backend of the τ-masked LoRA linear (docs/op.md).
 //
 // It exposes `lora_forward` and `lora_backward` with exactly the signatures and semantics of
 // pyflex/reference.py (the spec). GEMMs go through ATen (MKL / oneDNN); the memory-bound per-token work

@@ -1,13 +1,14 @@
-"""Triton launchers for the τ-masked LoRA linear (DESIGN.md §3).
+"""Triton launchers for the τ-masked LoRA linear (docs/op.md): the ``triton`` backend of pyflex/lora/contract.py.
 
-``lora_forward`` and ``lora_backward`` have exactly the signatures, return types and semantics of
-:mod:`pyflex.reference` (the spec); :mod:`pyflex.ops` dispatches to them for CUDA tensors, and for CPU
-tensors under the Triton interpreter (TRITON_INTERPRET=1, used by the tests).
+``forward``, ``backward`` and ``tau_gradient`` implement the contract; ``lora_forward`` and ``lora_backward`` are
+the same with the positional signatures of pyflex/lora/reference.py (the spec), which the kernel tests call.
+Dispatch (pyflex/lora/backends.py) sends CUDA tensors here, and CPU tensors under the Triton interpreter
+(TRITON_INTERPRET=1, used by the tests). fp16, bf16 and fp32 only (declared in the backend's capabilities).
 
 Design (chosen by measurement on one H100, bf16, torch 2.11 + triton 3.6; bench/bench_gpu_flex_lora.py):
 
 * The two big GEMMs (y0 = x W0ᵀ + b, dx = gy W0) and the optional dW0/db stay on cuBLAS: a plain Triton
-  GEMM measured 1.17-1.30× cuBLAS (shared/ANCHORS.md), more than everything the LoRA side costs.
+  GEMM measured 1.17-1.30× cuBLAS, more than everything the LoRA side costs.
 * Everything rank-r is fused into memory-bound Triton passes that read each big operand once:
     - forward rows pass: z = x̃ Aᵀ (fp32), Σ y0² per row, ρ through the r×r Gram G = BᵀB, the mask, and
       y = y0 + m·c·(B z) for active rows only (masked rows are neither re-read nor written). With τ off
@@ -25,8 +26,7 @@ Numerics: y0 in the input dtype as F.linear; z, G, ρ, uz, v and the LoRA delta 
 bf16/fp16 operands go to tensor cores natively (exact products, fp32 accumulation). Products with an fp32
 operand (v A, (c z) Bᵀ, vᵀ x̃, wᵀ gy): fp32 inputs use IEEE fp32 dots; fp16 (and bf16 at r ≤ 16) use TF32,
 whose rounding stays below the 16-bit output rounding; bf16 at r ≥ 32 splits the fp32 operand into
-bf16 hi + lo and runs two native dots (≈ fp32-exact, ~15% faster fwd+bwd at r=64). float64 inputs use
-the PyTorch reference path (pyflex.reference) and so are exact.
+bf16 hi + lo and runs two native dots (≈ fp32-exact, ~15% faster fwd+bwd at r=64).
 
 Under the interpreter ``tl.dot`` on bf16/fp16 tiles is wrong (triton 3.6/3.9 on CPU), so all dot
 operands are upcast to fp32 there (the ``UPCAST`` constexpr); it also converts fp32 → bf16 by truncation,
@@ -41,9 +41,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pyflex import reference
 from pyflex.kernels.numerics import INTERPRET, _rtne, _to_out
-from pyflex.reference import NORM_EPS, BackwardResult, ForwardResult
+from pyflex.lora.contract import NORM_EPS, BackwardInputs, BackwardResult, ForwardInputs, ForwardResult
 
 # Token counts up to this take the decode path (one pass over W0 computing y0, z, Σy0² together).
 DECODE_MAX_M = 64
@@ -520,15 +519,12 @@ def _forward_decode(x, weight, bias, lora_A, lora_B, cscale, tau):
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau) -> ForwardResult:
-    """Same contract as :func:`pyflex.reference.lora_forward`; ``tau`` may also be a 1-element tensor on x's
+    """Same semantics as pyflex/lora/reference.py's ``lora_forward``; ``tau`` may also be a 1-element tensor on x's
     device, which the kernels read in place (no device→host sync).
 
-    x, x_lora (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r): one dtype
-    (fp16/bf16/fp32 run the kernels; fp64 runs the PyTorch reference). cscale (M,) float.
-    Returns ForwardResult(y (M, N) x.dtype, z (M, r) fp32, ratio (M,) fp32 or None, mask (M,) bool).
+    x, x_lora (M, K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r): one dtype, fp16/bf16/fp32.
+    cscale (M,) float. Returns ForwardResult(y (M, N) x.dtype, z (M, r) fp32, ratio (M,) fp32 or None, mask (M,)).
     """
-    if x.dtype == torch.float64:
-        return reference.lora_forward(x, weight, bias, lora_A, lora_B, x_lora, cscale, tau)
     M = x.shape[0]
     N, R = lora_B.shape
     if M == 0:
@@ -563,21 +559,17 @@ def _rank_reduce(p: torch.Tensor, q: torch.Tensor, mask_i8: torch.Tensor, R: int
 def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
                   need_dx: bool, need_dweight: bool, need_dbias: bool, need_adapter: bool,
                   need_uz: bool, dropout_scale: Optional[torch.Tensor] = None) -> BackwardResult:
-    """Same contract as :func:`pyflex.reference.lora_backward`.
+    """Same semantics as pyflex/lora/reference.py's ``lora_backward``.
 
     gy (M, N) in the input dtype; z (M, r) fp32 (needed when need_adapter or need_uz); cscale (M,);
     mask (M,) bool; dropout_scale (M, K) or None. dx, dweight, dbias from cuBLAS (+ the fused LoRA term
     of dx); uz (M,) fp32; dA (r, K), dB (N, r) in the adapter dtype.
     """
-    if gy.dtype == torch.float64:
-        return reference.lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask,
-                                       need_dx=need_dx, need_dweight=need_dweight, need_dbias=need_dbias,
-                                       need_adapter=need_adapter, need_uz=need_uz, dropout_scale=dropout_scale)
     M, N = gy.shape
     R = lora_B.shape[1]
     dx = dweight = dbias = dA = dB = uz = None
     modes = (_INTERPRET_CONFIG if INTERPRET else GPU_CONFIG)["modes"]
-    dx_write_only = need_dx and modes["dx_addmm"] and M > 0 and gy.dtype != torch.float64
+    dx_write_only = need_dx and modes["dx_addmm"] and M > 0
     if need_dx:
         dx = torch.empty((M, weight.shape[1]), dtype=gy.dtype, device=gy.device) if dx_write_only else gy @ weight
     if need_dweight:
@@ -632,12 +624,22 @@ def lora_backward(gy, x, weight, lora_A, lora_B, x_lora, z, cscale, mask, *,
 
 
 def tau_gradient(uz: torch.Tensor, cscale: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """Same contract as :func:`pyflex.reference.tau_gradient`: uz, cscale (M,) float, mask (M,) bool → 0-dim fp32
-    (float64 inputs use the reference)."""
-    if uz.dtype == torch.float64 or cscale.dtype == torch.float64:
-        return reference.tau_gradient(uz, cscale, mask, lam)
+    """Same semantics as pyflex/lora/reference.py's ``tau_gradient``: uz, cscale (M,) fp32, mask (M,) bool → 0-dim
+    fp32."""
     M = uz.shape[0]
     out = torch.empty((), dtype=torch.float32, device=uz.device)
     _tau_grad_kernel[(1,)](uz.to(torch.float32).contiguous(), cscale.to(torch.float32).contiguous(),
                            mask.contiguous().view(torch.int8), out, M, float(lam), BLOCK=1024, num_warps=4)
     return out
+
+
+def forward(i: ForwardInputs) -> ForwardResult:
+    """The contract's forward (pyflex/lora/contract.py)."""
+    return lora_forward(i.x, i.weight, i.bias, i.lora_A, i.lora_B, i.x_lora, i.cscale, i.tau)
+
+
+def backward(i: BackwardInputs) -> BackwardResult:
+    """The contract's backward (pyflex/lora/contract.py)."""
+    return lora_backward(i.gy, i.x, i.weight, i.lora_A, i.lora_B, i.x_lora, i.z, i.cscale, i.mask,
+                         need_dx=i.need_dx, need_dweight=i.need_dweight, need_dbias=i.need_dbias,
+                         need_adapter=i.need_adapter, need_uz=i.need_uz, dropout_scale=i.dropout_scale)

@@ -1,7 +1,7 @@
 """Triton kernels for the gated-MLP product h = act(g) · u, forward and backward; act is SiLU (SwiGLU: Llama,
 Mistral, Qwen, Phi-3) or tanh-approximated GELU (GeGLU: Gemma2).
 
-Used by :class:`pyflex.gated_mlp.GatedActFunction` on CUDA (and under the Triton interpreter in tests). Eager PyTorch
+Used by :class:`pyflex.layers.gated_mlp.GatedActFunction` on CUDA (and under the Triton interpreter in tests). Eager PyTorch
 runs silu, then mul (two kernels, 5 passes over a (tokens × intermediate) tensor) forward, and mul, mul and
 silu_backward (9 passes) backward; these kernels read g and u once and write h (3 passes) forward, and read dh, g, u
 and write dg, du (5 passes) backward, recomputing silu(g) instead of keeping it.

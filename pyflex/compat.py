@@ -1,4 +1,4 @@
-"""The transformers calling conventions that move between releases, each behind one function.
+"""The transformers (and torch) calling conventions that move between releases, each behind one function.
 
 pyflex follows the newest transformers that pip resolves (see README, "Supported versions"). Code elsewhere in
 the package never reads these conventions directly; when a release renames or moves something, only this file
@@ -13,6 +13,7 @@ changes.
 * :func:`eager_attention_function` — the eager attention a transformers attention module runs when the model's
   ``attn_implementation`` is ``"eager"`` (its modeling file's ``eager_attention_forward``; GPT-2's
   ``reorder_and_upcast_attn`` path), in the attention-interface calling convention.
+* :func:`mark_constant_for_compile` — torch's ``assume_constant_result`` without importing its compiler.
 """
 from __future__ import annotations
 
@@ -109,4 +110,15 @@ def eager_attention_function(module: Any) -> Callable:
     if fn is None:
         raise RuntimeError(f"{type(module).__name__}'s modeling module ({type(module).__module__}) has no "
                            "eager_attention_forward; pyflex cannot run its eager attention")
+    return fn
+
+
+def mark_constant_for_compile(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo (about a second) when nothing
+    has imported it yet: that decorator only sets the attribute below, which dynamo reads when it traces a call of
+    ``fn`` (tests/test_compat.py checks that the public decorator still sets exactly this)."""
+    if "torch._dynamo" in sys.modules:
+        import torch.compiler
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
     return fn

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pyflex
+import pyflex.model.patch
 from tiny_models import (assert_close, lm_loss, randomize_flex, reference_backend, single_thread,  # noqa: F401
                          tiny_model, tokens)
 
@@ -110,7 +111,7 @@ def test_save_pretrained_of_a_patched_model(tmp_path):
     assert {"config.json", "model.safetensors", "pyflex_config.json", "pyflex_adapter.safetensors"} <= \
         set(os.listdir(ckpt))
     plain = AutoModelForCausalLM.from_pretrained(str(ckpt))
-    assert not pyflex.patch.is_patched(plain)
+    assert not pyflex.model.patch.is_patched(plain)
     assert_close(pyflex.load_adapter(plain, str(ckpt))(input_ids=ids).logits, ref)
     resumed = pyflex.patch_model(tiny_model("llama"), r=4, tau=True)  # how the Trainer resumes a checkpoint
     resumed.load_state_dict(load_file(str(ckpt / "model.safetensors")))
@@ -226,3 +227,21 @@ def test_distributed_matches_single_process(tmp_path, wrapper):
     assert set(distributed) == set(single) and len(single) == 2 * 7 * 2
     for n, p in single.items():
         assert_close(distributed[n], p, atol=1e-5, msg=n)
+
+def test_mark_constant_for_compile_sets_what_torch_sets():
+    """pyflex marks its backend lookup constant for dynamo without importing torch._dynamo; the public decorator
+    must still set exactly that attribute (a torch release that changes it fails here, not in a compiled model)."""
+    import torch.compiler
+
+    from pyflex.compat import mark_constant_for_compile
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    torch.compiler.assume_constant_result(theirs)
+    mark_constant_for_compile(ours)
+    added = {k: v for k, v in vars(theirs).items()}
+    assert added and vars(ours) == added
