@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import pyflex
 from pyflex.lora import reference
+from pyflex.lora.contract import ForwardInputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -91,8 +92,9 @@ def test_fwd_bwd(benchmark, M, K, N, r, impl, tau_on):
 @pytest.mark.parametrize("case", ["op_no_grad", "op_fwd_bwd", "op_fwd_bwd_tau", "backend_forward", "base_linear"])
 def test_per_call_overhead(benchmark, case):
     """What one call costs besides the math: a 4-token, 64→64, r=8 layer, where the kernels take microseconds.
-    op_no_grad is the inference path (no autograd.Function); backend_forward calls the backend's lora_forward
-    directly (no validation, dispatch or autograd)."""
+    op_no_grad is the inference path (no autograd.Function); backend_forward calls the backend's contract forward
+    directly
+    (no validation, dispatch or autograd)."""
     x, weight, bias, lora_A, lora_B, gy = _case(4, 64, 64, 8)
     tau = torch.tensor(0.0, device=DEVICE, requires_grad=True) if case == "op_fwd_bwd_tau" else None
     backend = pyflex.resolve_backend(x.device)[1]
@@ -104,7 +106,7 @@ def test_per_call_overhead(benchmark, case):
             with torch.no_grad():
                 pyflex.flex_lora(x, weight, bias, lora_A, lora_B, SCALE)
         elif case == "backend_forward":
-            backend.lora_forward(xd, weight, bias, lora_A.detach(), lora_B.detach(), xd, cscale, None)
+            backend.forward(ForwardInputs(xd, weight, bias, lora_A.detach(), lora_B.detach(), xd, cscale, None))
         elif case == "base_linear":
             F.linear(xd, weight, bias)
         else:

@@ -37,7 +37,7 @@ status=0
 if [ "${PYFLEX_SKIP_TESTS:-0}" != "1" ]; then
   xdist=""
   python -c "import xdist" 2>/dev/null && xdist="-n 8"  # parallel workers share Triton's compile cache
-  timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/kernels/test_flex_lora_kernels.py -q $xdist -p no:cacheprovider \
+  timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/kernels/test_flex_lora_kernels.py tests/lora/test_op_launches.py -q $xdist -p no:cacheprovider \
     --durations=5 > "$OUT/tests.txt" 2>&1 || status=$?
   if [ -f tests/lora/test_backend_contract.py ]; then  # the op-level tests, triton backend
     timeout "${PYFLEX_TEST_TIMEOUT:-300}" python -m pytest tests/lora/test_backend_contract.py -k triton -q $xdist \

@@ -14,13 +14,14 @@ Inference (no gradient needed) calls :func:`_forward_impl` directly, without aut
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from pyflex.compat import mark_constant_for_compile
-from pyflex.lora.backends import select_backend
-from pyflex.lora.contract import FLOAT_DTYPES, BackwardInputs, CallNeeds, ForwardInputs
+from pyflex.lora.backends import select_for
+from pyflex.lora.contract import FLOAT_DTYPES, REGISTRY, Backend, BackwardInputs, ForwardInputs
+from pyflex.lora.nf4 import NF4Weight
 from pyflex.lora.reference import compute_dtype
 
 
@@ -31,14 +32,16 @@ from pyflex.lora.reference import compute_dtype
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropout_p):
+    quantized = isinstance(weight, NF4Weight)  # a 4-bit base: dequantized by the backend into x's dtype
     for arg, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if not isinstance(t, torch.Tensor) and not (quantized and arg == "weight"):
+            raise TypeError(f"{arg} must be a torch.Tensor{' or an NF4Weight' if arg == 'weight' else ''}, got "
+                            f"{type(t).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x.dtype={x.dtype} is not supported; allowed: float16, bfloat16, float32, float64")
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension (..., K), got shape {tuple(x.shape)}")
-    if weight.dim() != 2:
+    if not quantized and weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     N, K = weight.shape
     if x.shape[-1] != K:
@@ -50,7 +53,13 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropou
         raise ValueError("lora_A has rank r=0; the LoRA rank must be >= 1")
     if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must be (N, r)=({N}, {r}), got shape {tuple(lora_B.shape)}")
-    tensors = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    tensors = [("lora_A", lora_A), ("lora_B", lora_B)]
+    if quantized:
+        if weight.device != x.device:
+            raise ValueError(f"weight (an NF4Weight) is on {weight.device} but x is on {x.device}; all tensors must be "
+                             "on one device")
+    else:
+        tensors.insert(0, ("weight", weight))
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,):
             raise ValueError(f"bias must be a tensor of shape (N,)=({N},) or None, got "
@@ -107,8 +116,10 @@ def _check_tau_accounting(x, tau, token_valid, count_sink):
 # --------------------------------------------------------------------------------------------------
 # the op: forward and backward on flattened tokens
 # --------------------------------------------------------------------------------------------------
-def _call_needs(x, bias, dropout_scale, tau, coef_given: bool) -> CallNeeds:
-    return CallNeeds(x.device.type, x.dtype, bias is not None, dropout_scale is not None, tau is not None, coef_given)
+def _backend(backend) -> Backend:
+    """The op's inputs carry the backend chosen for the call: the Backend itself on the eager way in, its registered
+    name on the torch.compile way in (custom ops take strings; :func:`_traced_backend_name` chose it)."""
+    return backend if isinstance(backend, Backend) else REGISTRY[backend]
 
 
 def _host_tau(tau: Optional[torch.Tensor], backend):
@@ -125,11 +136,15 @@ def _host_tau(tau: Optional[torch.Tensor], backend):
     return value
 
 
-def _forward_impl(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name, coef_given, valid,
-                  sink, traced) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (M, N), z (M, r), mask (M,)) for x (M, K). ``lam``, ``valid``, ``sink`` and ``traced`` are not used here:
-    they are inputs so that :func:`_setup_context` sees them (and the sink receives its gradient)."""
-    backend = select_backend(_call_needs(x, bias, dropout_scale, tau, coef_given), backend_name)
+def _forward_impl(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend, coef_given, valid,
+                  sink, traced, nf4_state=None, nf4_meta=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (M, N), z (M, r), mask (M,)) for x (M, K). ``lam``, ``coef_given``, ``valid``, ``sink`` and ``traced`` are
+    not used here: they are inputs so that :func:`_setup_context` sees them (and the sink receives its gradient).
+    With ``nf4_meta``, ``weight`` is an NF4 base's packed bytes and ``nf4_state`` its code book and scales
+    (``NF4Weight.flatten``): the backend receives the NF4Weight."""
+    backend = _backend(backend)
+    if nf4_meta is not None:
+        weight = NF4Weight.unflatten(weight, nf4_state, nf4_meta)
     x_lora = x if dropout_scale is None else x * dropout_scale
     result = backend.implementation().forward(
         ForwardInputs(x, weight, bias, lora_A, lora_B, x_lora, cscale, _host_tau(tau, backend)))
@@ -137,17 +152,18 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, l
 
 
 def _backward_impl(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, valid, lam: float,
-                   backend_name: str, need_dx: bool, need_dweight: bool, need_dbias: bool, need_adapter: bool,
+                   backend, need_dx: bool, need_dweight: bool, need_dbias: bool, need_adapter: bool,
                    need_uz: bool, need_dcscale: bool, need_dtau: bool, has_sink: bool, need_count: bool, coef_given: bool,
-                   has_bias: bool, has_tau: bool):
+                   has_bias: bool, has_tau: bool, nf4_state=None, nf4_meta=None):
     """[dx, dweight, dbias, dA, dB, dcscale, dtau, count], None where not requested.
 
     dcscale_i = m_i·u_i·z_i (∂y_i/∂cscale_i contracted with gy_i); dtau = −g of PEFT_S eq. 14-17 over the real tokens
-    (``valid``), without the λ term when a count sink takes it; count = Σ m_i over real tokens (the sink's gradient)."""
-    device_type, dtype = gy.device.type, gy.dtype
-    backend = select_backend(CallNeeds(device_type, dtype, has_bias, dropout_scale is not None, has_tau, coef_given),
-                             backend_name)
-    impl = backend.implementation()
+    (``valid``), without the λ term when a count sink takes it; count = Σ m_i over real tokens (the sink's gradient).
+    An NF4 base (``nf4_meta``, as in :func:`_forward_impl`) goes to the backend as the NF4Weight, which it
+    dequantizes again for dx."""
+    impl = _backend(backend).implementation()
+    if nf4_meta is not None and weight is not None:
+        weight = NF4Weight.unflatten(weight, nf4_state, nf4_meta)
     x_lora = x if dropout_scale is None or x is None else x * dropout_scale
     res = impl.backward(BackwardInputs(gy.contiguous(), x, weight, lora_A, lora_B, x_lora, z, cscale, mask,
                                        dropout_scale, need_dx, need_dweight, need_dbias, need_adapter, need_uz))
@@ -165,37 +181,63 @@ def _backward_impl(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale
 
 
 # indices of the op's inputs, shared by setup_context and backward
-_X, _W, _BIAS, _A, _B, _CSCALE, _TAU, _DROPOUT, _LAM, _BACKEND, _COEF, _VALID, _SINK, _TRACED = range(14)
+_X, _W, _BIAS, _A, _B, _CSCALE, _TAU, _DROPOUT, _LAM, _BACKEND, _COEF, _VALID, _SINK, _TRACED, _NF4_STATE, _NF4_META = \
+    range(16)
+_N_SAVED = 9  # the fixed saved tensors; an NF4 base's state tensors follow them
+
+
+class _Flags(NamedTuple):
+    """What the backward computes, in the order of :func:`_backward_impl`'s parameters (passed positionally)."""
+    need_dx: bool
+    need_dweight: bool
+    need_dbias: bool
+    need_adapter: bool
+    need_uz: bool
+    need_dcscale: bool
+    need_dtau: bool
+    has_sink: bool
+    need_count: bool
+    coef_given: bool
+    has_bias: bool
+    has_tau: bool
 
 
 def _setup_context(ctx, inputs, output):
-    """What backward needs, and nothing more: a frozen adapter saves no x and no z, a frozen base no weight."""
-    x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name, coef_given, valid, sink, traced = inputs
+    """What backward needs, and nothing more: a frozen adapter saves no x and no z, a frozen base no weight. An NF4
+    base saves its packed bytes and scales (the module's own buffers, no new memory), never a dense W0."""
+    (x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend, coef_given, valid, sink, traced,
+     nf4_state, nf4_meta) = inputs
     _, z, mask = output
     needs = ctx.needs_input_grad
     need_adapter = needs[_A] or needs[_B]
     need_dtau = tau is not None and needs[_TAU]
-    flags = dict(need_dx=needs[_X], need_dweight=needs[_W], need_dbias=bias is not None and needs[_BIAS],
-                 need_adapter=need_adapter, need_uz=need_dtau or needs[_CSCALE], need_dcscale=needs[_CSCALE],
-                 need_dtau=need_dtau, has_sink=sink is not None, need_count=sink is not None and needs[_SINK],
-                 coef_given=coef_given, has_bias=bias is not None, has_tau=tau is not None)
-    ctx.flags, ctx.lam, ctx.backend_name, ctx.traced = flags, float(lam), backend_name, traced
+    flags = _Flags(needs[_X], needs[_W], bias is not None and needs[_BIAS], need_adapter, need_dtau or needs[_CSCALE],
+                   needs[_CSCALE], need_dtau, sink is not None, sink is not None and needs[_SINK], coef_given,
+                   bias is not None, tau is not None)
+    ctx.flags, ctx.lam, ctx.backend, ctx.traced = flags, float(lam), backend, traced
     ctx.tau_meta = None if tau is None else (tuple(tau.shape), tau.dtype, tau.device)
     ctx.sink_meta = None if sink is None else (tuple(sink.shape), sink.dtype)
-    ctx.save_for_backward(x if flags["need_dweight"] or need_adapter else None,
-                          weight if flags["need_dx"] else None, lora_A if flags["need_dx"] else None, lora_B,
-                          z if need_adapter or flags["need_uz"] else None, cscale, mask,
-                          dropout_scale if flags["need_dx"] or need_adapter else None, valid)
+    quantized = nf4_meta is not None and flags.need_dx
+    ctx.nf4_meta = list(nf4_meta) if quantized else None
+    ctx.save_for_backward(x if flags.need_dweight or need_adapter else None,
+                          weight if flags.need_dx else None, lora_A if flags.need_dx else None, lora_B,
+                          z if need_adapter or flags.need_uz else None, cscale, mask,
+                          dropout_scale if flags.need_dx or need_adapter else None, valid,
+                          *(nf4_state if quantized else ()))
     if not traced:
         ctx.mark_non_differentiable(z, mask)
+        # z and mask never receive a gradient: without this autograd would allocate zeros for them each backward
+        ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, gy, _gz, _gmask):
-    x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, valid = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, valid = saved[:_N_SAVED]
+    nf4_state = list(saved[_N_SAVED:]) if ctx.nf4_meta is not None else None
     run = _lora_backward_op if ctx.traced else _backward_impl
     dx, dweight, dbias, dA, dB, dcscale, dtau, count = run(gy, x, weight, lora_A, lora_B, z, cscale, mask,
-                                                           dropout_scale, valid, ctx.lam, ctx.backend_name,
-                                                           **ctx.flags)
+                                                           dropout_scale, valid, ctx.lam, ctx.backend,
+                                                           *ctx.flags, nf4_state, ctx.nf4_meta)
     if ctx.traced:  # custom ops return tensors only: an empty tensor stands for "not computed"
         dx, dweight, dbias, dA, dB, dcscale, dtau, count = [
             t if asked else None for t, asked in zip((dx, dweight, dbias, dA, dB, dcscale, dtau, count),
@@ -206,24 +248,26 @@ def _backward(ctx, gy, _gz, _gmask):
     if count is not None:
         shape, dtype = ctx.sink_meta
         count = count.to(dtype).reshape(shape)
-    return dx, dweight, dbias, dA, dB, dcscale, dtau, None, None, None, None, None, count, None
+    return dx, dweight, dbias, dA, dB, dcscale, dtau, None, None, None, None, None, count, None, None, None
 
 
 def _requested(flags) -> List[bool]:
     """Which of the backward op's outputs were asked for (an asked-for output may itself be empty when M = 0)."""
-    return [flags["need_dx"], flags["need_dweight"], flags["need_dbias"], flags["need_adapter"], flags["need_adapter"],
-            flags["need_dcscale"], flags["need_dtau"], flags["need_count"]]
+    return [flags.need_dx, flags.need_dweight, flags.need_dbias, flags.need_adapter, flags.need_adapter,
+            flags.need_dcscale, flags.need_dtau, flags.need_count]
 
 
 class FlexLoraFunction(torch.autograd.Function):
     """The eager way into the op: forward = :func:`_forward_impl`, with :func:`_setup_context` and :func:`_backward`
     (the same ones torch.compile's custom op registers)."""
 
+    # forward(ctx, ...) rather than a separate setup_context: measured ~10 µs less per training call on CPU
     @staticmethod
-    def forward(*inputs):
-        return _forward_impl(*inputs)
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
-    setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 
@@ -234,17 +278,20 @@ class FlexLoraFunction(torch.autograd.Function):
 def _lora_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                      lora_B: torch.Tensor, cscale: torch.Tensor, tau: Optional[torch.Tensor],
                      dropout_scale: Optional[torch.Tensor], lam: float, backend_name: str, coef_given: bool,
-                     valid: Optional[torch.Tensor], sink: Optional[torch.Tensor], traced: bool
+                     valid: Optional[torch.Tensor], sink: Optional[torch.Tensor], traced: bool,
+                     nf4_state: List[Optional[torch.Tensor]], nf4_meta: Optional[List[int]]
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, z, mask = _forward_impl(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name,
-                               coef_given, valid, sink, traced)
+                               coef_given, valid, sink, traced, nf4_state, nf4_meta)
     return y, z, mask
 
 
 @_lora_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name, coef_given, valid, sink, traced):
+def _(x, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, lam, backend_name, coef_given, valid, sink, traced,
+      nf4_state, nf4_meta):
     M = x.shape[0]
-    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=compute_dtype(x.dtype)),
+    N = weight.shape[0] if nf4_meta is None else nf4_meta[0]
+    return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=compute_dtype(x.dtype)),
             x.new_empty((M,), dtype=torch.bool))
 
 
@@ -255,19 +302,22 @@ def _lora_backward_op(gy: torch.Tensor, x: Optional[torch.Tensor], weight: Optio
                       valid: Optional[torch.Tensor], lam: float, backend_name: str, need_dx: bool,
                       need_dweight: bool, need_dbias: bool, need_adapter: bool, need_uz: bool, need_dcscale: bool,
                       need_dtau: bool, has_sink: bool, need_count: bool, coef_given: bool, has_bias: bool,
-                      has_tau: bool) -> List[torch.Tensor]:
+                      has_tau: bool, nf4_state: List[Optional[torch.Tensor]], nf4_meta: Optional[List[int]]
+                      ) -> List[torch.Tensor]:
     outs = _backward_impl(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, valid, lam, backend_name,
                           need_dx, need_dweight, need_dbias, need_adapter, need_uz, need_dcscale, need_dtau, has_sink,
-                          need_count, coef_given, has_bias, has_tau)
+                          need_count, coef_given, has_bias, has_tau, nf4_state, nf4_meta)
     return [t if t is not None else gy.new_empty((0,)) for t in outs]
 
 
 @_lora_backward_op.register_fake
 def _(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, valid, lam, backend_name, need_dx, need_dweight,
-      need_dbias, need_adapter, need_uz, need_dcscale, need_dtau, has_sink, need_count, coef_given, has_bias, has_tau):
+      need_dbias, need_adapter, need_uz, need_dcscale, need_dtau, has_sink, need_count, coef_given, has_bias, has_tau,
+      nf4_state, nf4_meta):
     M, N = gy.shape
     r = lora_B.shape[1]
-    K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0
+    K = x.shape[1] if x is not None else nf4_meta[1] if nf4_meta is not None else \
+        weight.shape[1] if weight is not None else 0
     empty = gy.new_empty((0,))
     return [gy.new_empty((M, K)) if need_dx else empty, gy.new_empty((N, K)) if need_dweight else empty,
             gy.new_empty((N,)) if need_dbias else empty,
@@ -281,9 +331,9 @@ torch.library.register_autograd("pyflex::lora_forward", _backward, setup_context
 
 @mark_constant_for_compile
 def _traced_backend_name(device_type: str, dtype: torch.dtype, has_bias: bool, dropout: bool, has_tau: bool,
-                         coef_given: bool) -> str:
+                         coef_given: bool, weight_format: str) -> str:
     """The backend's name, resolved once per compiled graph (dynamo treats the result as a constant)."""
-    return select_backend(CallNeeds(device_type, dtype, has_bias, dropout, has_tau, coef_given)).name
+    return select_for(device_type, dtype, has_bias, dropout, has_tau, coef_given, None, weight_format).name
 
 
 def _cscale(coef2, scale: float, M: int, x) -> torch.Tensor:
@@ -301,7 +351,9 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
 
     Args:
         x: (..., K) float16/bfloat16/float32/float64.
-        weight: (N, K) base weight W0; bias: (N,) or None. Same dtype and device as x.
+        weight: (N, K) base weight W0, or an :class:`~pyflex.lora.nf4.NF4Weight` (a frozen 4-bit base, dequantized
+            by the backend into x's dtype in forward and again in backward; no dense W0 is kept between calls or
+            saved for backward; docs/op.md, "Quantized base"); bias: (N,) or None. Same dtype and device as x.
         lora_A: (r, K); lora_B: (N, r). Same dtype as x.
         scale: python float ≥ 0: α/r (or α/√r for rsLoRA) times the layer's response scale β.
         tau: 1-element tensor threshold on ρ_i = ‖d_i‖/‖x_i W0ᵀ‖ (PEFT_S eq. 4), or None for no mask.
@@ -336,21 +388,27 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
         dropout_scale = keep.to(x2.dtype) / (1.0 - dropout_p)
     cscale = _cscale(coef2, scale, x2.shape[0], x2)
     coef_given = coef2 is not None
+    N = weight.shape[0]
+    nf4_state = nf4_meta = None
+    if isinstance(weight, NF4Weight):  # through autograd and the custom ops as tensors and ints
+        weight, nf4_state, nf4_meta = weight.flatten()
+    weight_format = "dense" if nf4_meta is None else "nf4"
     if torch.compiler.is_compiling():
         name = _traced_backend_name(x.device.type, x.dtype, bias is not None, dropout_scale is not None,
-                                    tau is not None, coef_given)
+                                    tau is not None, coef_given, weight_format)
         y, _, mask = _lora_forward_op(x2, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, float(lam), name,
-                                      coef_given, valid, count_sink, True)
+                                      coef_given, valid, count_sink, True, nf4_state or [], nf4_meta)
     else:
-        name = select_backend(_call_needs(x2, bias, dropout_scale, tau, coef_given)).name
-        inputs = (x2, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, float(lam), name, coef_given, valid,
-                  count_sink, False)
+        backend = select_for(x2.device.type, x2.dtype, bias is not None, dropout_scale is not None, tau is not None,
+                             coef_given, None, weight_format)
+        inputs = (x2, weight, bias, lora_A, lora_B, cscale, tau, dropout_scale, float(lam), backend, coef_given, valid,
+                  count_sink, False, nf4_state, nf4_meta)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x2, weight, bias, lora_A, lora_B, cscale, tau)):
             y, _, mask = FlexLoraFunction.apply(*inputs)
         else:  # inference (generate, decode): the same forward without autograd.Function's per-call cost
             y, _, mask = _forward_impl(*inputs)
-    y = y.reshape(*lead, weight.shape[0])
+    y = y.reshape(*lead, N)
     if return_mask:
         return y, mask.reshape(lead)
     return y
