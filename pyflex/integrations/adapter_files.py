@@ -5,12 +5,14 @@ pyflex format (a directory):
                                  the modules to save and the base biases that ``bias=`` trains, under their names in
                                  ``model.named_parameters()``, in their own dtype
     pyflex_config.json           the patch_model arguments (the exact list of patched modules, the resolved λ, the
-                                 modules to save...), each adapter module's settings, every layer's β and the plan
+                                 modules to save, rank/alpha patterns...), the configs patch_model was given
+                                 (``patch.lora_config``: the peft.LoraConfig's fields, or null; ``patch.pyflex_config``:
+                                 the PyflexConfig), each adapter module's settings, every layer's β and the plan
                                  (``model.pyflex_plan``, HLPT) if there is one
 
 PEFT format (a directory, as ``PeftModel.save_pretrained`` writes it):
-    adapter_config.json          LoraConfig fields (r, lora_alpha, target_modules, use_rslora, lora_dropout,
-                                 modules_to_save, ...)
+    adapter_config.json          LoraConfig fields (r, lora_alpha, target_modules, rank_pattern, alpha_pattern,
+                                 use_rslora, lora_dropout, modules_to_save, ...; pyflex/integrations/peft_config.py)
     adapter_model.safetensors    ``base_model.model.<module>.lora_A.weight`` (r, in) / ``...lora_B.weight`` (out, r),
                                  and ``base_model.model.<module>.<param>`` for each module to save (PEFT writes them
                                  without its ``modules_to_save.default`` wrapper)
@@ -33,8 +35,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from pyflex.layers.linear import FlexLinear, is_linear_like
-from pyflex.model.patch import _name_matches, _resolve_modules_to_save, _unwrap, get_registry, is_patched, patch_model
+from pyflex.integrations.peft_config import lora_plan, peft_adapter_config, plan_mismatches
+from pyflex.layers.linear import FlexLinear
+from pyflex.model.config import PyflexConfig
+from pyflex.model.patch import _apply_plan, _unwrap, get_registry, is_patched, patch_model
 
 __all__ = ["save_adapter", "load_adapter", "save_peft_adapter", "load_peft_adapter",
            "ADAPTER_FILE", "CONFIG_FILE", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE"]
@@ -45,7 +49,8 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # 2: modules_to_save, trained biases and the plan are saved; version-1 files load as having none of them.
-FORMAT_VERSION = 2
+# 3: rank_pattern / alpha_pattern and the given configs (lora_config, pyflex_config); older files have none.
+FORMAT_VERSION = 3
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # HLPTPlan fields that decide which adapters exist and what they compute (r and α are compared per module)
@@ -254,9 +259,11 @@ def _restore_patch(model: nn.Module, config: dict, path: str) -> None:
     if others and plan is None:
         raise ValueError(f"the adapter in {path!r} has gates or other plan adapters (e.g. {others[0]!r}) but records no "
                          "plan that load_adapter could replay; patch the model and apply the same plan first, then load")
-    if len({json.dumps({k: v for k, v in m.items() if k != "has_gate"}, sort_keys=True) for m in flex}) > 1:
-        raise ValueError(f"the adapter in {path!r} mixes FlexLinear settings (r/alpha/τ differ between modules); patch "
-                         "the model the same way first, then call load_adapter")
+    # r and α may differ per module (rank_pattern / alpha_pattern, replayed below); everything else is one value
+    if len({json.dumps({k: v for k, v in m.items() if k not in ("has_gate", "r", "alpha")}, sort_keys=True)
+            for m in flex}) > 1:
+        raise ValueError(f"the adapter in {path!r} mixes FlexLinear settings (rsLoRA/dropout/τ differ between "
+                         "modules); patch the model the same way first, then call load_adapter")
     dtype_name = patch.get("adapter_dtype")
     kwargs = dict(rslora=patch["rslora"], dropout=patch["dropout"], tau=patch["tau"], tau0=patch["tau0"],
                   bias=patch.get("bias", "none"), adapter_dtype=None if dtype_name is None else _DTYPES[dtype_name],
@@ -265,7 +272,9 @@ def _restore_patch(model: nn.Module, config: dict, path: str) -> None:
         kwargs["lam"] = patch["lam"]
     if plan is None:
         patch_model(model, r=patch["r"], alpha=patch["alpha"], target_modules=list(patch["target_modules"]),
-                    layers_path=patch.get("layers_path") if family_spec(model) is None else None, **kwargs)
+                    layers_path=patch.get("layers_path") if family_spec(model) is None else None,
+                    rank_pattern=patch.get("rank_pattern") or None, alpha_pattern=patch.get("alpha_pattern") or None,
+                    **kwargs)
     elif plan.get("type") == "HLPTPlan":
         apply_hlpt(model, variant=plan["variant"], counts=(len(plan["lora_layers"]), len(plan["prefix_layers"])),
                    prefix_len=plan["prefix_len"], r=plan["r"], alpha=plan["alpha"], gated=plan["gated"],
@@ -274,6 +283,14 @@ def _restore_patch(model: nn.Module, config: dict, path: str) -> None:
     else:
         raise ValueError(f"the adapter in {path!r} records a plan of type {plan.get('type')!r}; load_adapter can replay "
                          "HLPTPlan only. Apply that plan to the model first, then load")
+    registry = get_registry(model)
+    for record in ("lora_config", "pyflex_config"):  # the configs the saved model was given, not the replay's keywords
+        if record in patch:
+            registry.config[record] = patch[record]
+    mismatches = _setting_mismatches(model, config)
+    if mismatches:
+        raise ValueError(f"the adapter in {path!r} does not replay: patching from its saved settings gives "
+                         + "; ".join(mismatches) + ". The file's settings are inconsistent (edited by hand?)")
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
@@ -318,18 +335,6 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # PEFT
 # --------------------------------------------------------------------------------------------------
-_PEFT_UNSUPPORTED = {
-    "use_dora": lambda v: bool(v),
-    "rank_pattern": lambda v: bool(v),
-    "alpha_pattern": lambda v: bool(v),
-    "exclude_modules": lambda v: bool(v),
-    "layer_replication": lambda v: bool(v),
-    "lora_bias": lambda v: bool(v),
-    "target_parameters": lambda v: bool(v),
-    "bias": lambda v: v not in (None, "none"),
-}
-
-
 def _peft_key(name: str) -> str:
     """PEFT's file key of a pyflex parameter name: 'X.lora_A' → 'base_model.model.X.lora_A.weight'; a module to
     save's 'score.weight' → 'base_model.model.score.weight'."""
@@ -355,51 +360,35 @@ def _peft_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     return params
 
 
-def _peft_modules_to_save(model: nn.Module, entries) -> Optional[List[str]]:
-    """The PEFT config's modules_to_save entries that name a module of ``model``. PEFT skips the others (e.g. the
-    'classifier' that task_type='SEQ_CLS' adds on a model whose head is 'score'), and so does pyflex."""
-    if not entries:
-        return None
-    names = [n for n, _ in model.named_modules() if n]
-    kept = [e for e in dict.fromkeys(entries) if any(_name_matches(n, e) for n in names)]
-    return kept or None
-
-
 def load_peft_adapter(model: nn.Module, path: str) -> nn.Module:
     """Load a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) into ``model``.
 
-    An unpatched model is patched per the PEFT config (r, lora_alpha, target_modules, use_rslora, lora_dropout,
-    layers_to_transform, modules_to_save); an already patched model must match r, α, rsLoRA and the modules to save.
-    Every PEFT key must map to a pyflex parameter (a LoRA weight or a parameter of a module to save) and vice versa,
-    with the same shape (the first offending key is named). Weights are cast to the parameter dtype, as PEFT does on
-    load. DoRA, rank/alpha patterns, LoRA biases and other PEFT features pyflex does not implement are refused.
-    A load that fails leaves the model as it was.
+    The config goes through the same rules as ``patch_model(model, peft.LoraConfig(...))`` (pyflex/model/config.py):
+    the modules PEFT would adapt (target_modules incl. "all-linear" and regexes, exclude_modules,
+    layers_to_transform / layers_pattern, modules_to_save, task_type's heads), each module's r and α
+    (rank_pattern / alpha_pattern), use_rslora and lora_dropout; a field pyflex does not implement (DoRA, LoRA
+    biases, ...) is an error naming it. ``inference_mode`` (PEFT writes True into every saved config) is not applied:
+    the loaded adapter trains. An unpatched model is patched that way; an already patched model must be exactly that
+    patch (modules, r, α, rsLoRA, modules to save; every difference is named). Every PEFT key must map to a pyflex
+    parameter (a LoRA weight or a parameter of a module to save) and vice versa, with the same shape (the first
+    offending key is named). Weights are cast to the parameter dtype, as PEFT does on load. A load that fails leaves
+    the model as it was.
     """
     config, tensors = _read_dir(path, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"peft_type={config.get('peft_type')!r} is not supported; only LORA adapters can be loaded")
-    for key, unsupported in _PEFT_UNSUPPORTED.items():
-        if key in config and unsupported(config[key]):
-            raise ValueError(f"PEFT config {key}={config[key]!r} is not supported by pyflex")
-    r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    source = f"PEFT config {os.path.join(path, PEFT_CONFIG_FILE)!r}"
+    if config.get("bias", "none") not in (None, "none"):
+        raise ValueError(f"{source} bias={config['bias']!r} is not supported: pyflex does not load the base biases a "
+                         "PEFT adapter trained; only bias='none' adapters load")
     inner = _unwrap(model)
-    to_save = _peft_modules_to_save(inner, config.get("modules_to_save"))
     if is_patched(inner):
-        for name, module in get_registry(inner).adapter_modules().items():
-            if isinstance(module, FlexLinear) and (module.r != r or module.alpha != alpha or module.rslora != rslora):
-                raise ValueError(f"{name}: the model is patched with r={module.r}, alpha={module.alpha:g}, "
-                                 f"rslora={module.rslora}, the PEFT adapter has r={r}, alpha={alpha:g}, rslora={rslora}")
-        ours, theirs = _modules_to_save(inner), _resolve_modules_to_save(inner, to_save, [])
-        if ours != theirs:
-            raise ValueError(f"modules_to_save: the model is patched with {ours}, the PEFT adapter has {theirs}")
+        mismatches = plan_mismatches(inner, lora_plan(inner, config, source=source, apply_inference_mode=False))
+        if mismatches:
+            raise ValueError(f"the PEFT adapter in {path!r} is another patch than the model has: "
+                             + "; ".join(mismatches) + ". Load it into an unpatched model (it is then patched from "
+                             "the file), or patch the model the same way first")
 
     def restore(m: nn.Module) -> None:
-        targets = config.get("target_modules")
-        if targets is None:
-            raise ValueError("PEFT config has target_modules=None; pyflex needs the module list (or a regex)")
-        patch_model(m, r=r, alpha=alpha, rslora=rslora, dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                    target_modules=targets if isinstance(targets, str) else list(targets),
-                    layers=config.get("layers_to_transform"), modules_to_save=to_save)
+        _apply_plan(m, lora_plan(m, config, source=source, apply_inference_mode=False), PyflexConfig())
 
     mapped = {_peft_key_to_name(key): tensor for key, tensor in tensors.items()}
     original = {_peft_key_to_name(key): key for key in tensors}
@@ -410,54 +399,19 @@ def load_peft_adapter(model: nn.Module, path: str) -> nn.Module:
 
 def save_peft_adapter(model: nn.Module, path: str) -> None:
     """Write the patched model's LoRA adapter (and its modules to save) as a PEFT directory that
-    ``peft.PeftModel.from_pretrained(base, path)`` loads (base = the same architecture, unpatched).
+    ``peft.PeftModel.from_pretrained(base, path)`` loads (base = the same architecture, unpatched) to the same logits.
 
+    adapter_config.json holds the LoraConfig the model was patched from, as given, when there is one (so
+    "all-linear", regexes, layers_to_transform, task_type, rank_pattern / alpha_pattern... round-trip), else fields
+    derived from the patch (per-module r / α as rank_pattern / alpha_pattern); either way it is checked to select
+    exactly the patched modules with their r and α under PEFT's rules (pyflex/integrations/peft_config.py).
     Refused (clear error) when τ is on, a gate or another non-LoRA adapter is present, β ≠ 1, base biases train, or
-    modules differ in r/α/rsLoRA/dropout (PEFT would need rank/alpha patterns).
+    modules differ in rsLoRA / dropout.
     """
     inner = _unwrap(model)
-    registry = get_registry(inner)
-    saved = _modules_to_save(inner)
-    modules = {n: m for n, m in registry.adapter_modules().items() if n not in saved}
-    for name, module in modules.items():
-        if not isinstance(module, FlexLinear):
-            raise ValueError(f"cannot export to PEFT: adapter {name!r} is a {type(module).__name__}, not LoRA")
-        if module.tau is not None:
-            raise ValueError(f"cannot export to PEFT: {name!r} has the PEFT_S τ mask on, which PEFT LoRA does not have")
-        if module.gate is not None:
-            raise ValueError(f"cannot export to PEFT: {name!r} has a gate, which PEFT LoRA does not have")
-        if module.response_scale != 1.0:
-            raise ValueError(f"cannot export to PEFT: {name!r} has response_scale={module.response_scale:g} (must be 1)")
-        if module.merged:
-            raise ValueError(f"cannot export to PEFT: {name!r} is merged")
-    if registry.config.get("bias", "none") != "none":
-        raise ValueError(f"cannot export to PEFT: bias={registry.config['bias']!r} trains base biases, which a PEFT LoRA "
-                         "adapter directory does not hold")
-    settings = {(m.r, m.alpha, m.rslora, m.dropout) for m in modules.values()}
-    if len(settings) != 1:
-        raise ValueError(f"cannot export to PEFT: modules differ in (r, alpha, rslora, dropout): {sorted(settings)}")
-    r, alpha, rslora, dropout = settings.pop()
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": getattr(
-            getattr(inner, "config", None), "_name_or_path", None) or None,
-        "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": dropout, "bias": "none",
-        "target_modules": _peft_targets(inner, list(modules)), "fan_in_fan_out": any(m.conv1d for m in modules.values()),
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": saved or None,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
-    }
+    config = peft_adapter_config(inner)
     tensors = {_peft_key(name): p.detach().to("cpu").contiguous().clone() for name, p in _peft_parameters(inner).items()}
     os.makedirs(path, exist_ok=True)
     _safetensors().save_file(tensors, os.path.join(path, PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(path, PEFT_CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _peft_targets(model: nn.Module, names):
-    """PEFT target_modules: the list of leaf names when it selects exactly the patched modules (PEFT's suffix rule),
-    else a regex that fully matches exactly their qualified names."""
-    leaves = sorted({n.rpartition(".")[2] for n in names})
-    selected = [n for n, m in model.named_modules()
-                if n.rpartition(".")[2] in leaves and (isinstance(m, FlexLinear) or is_linear_like(m))]
-    if sorted(selected) == sorted(names):
-        return leaves
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"

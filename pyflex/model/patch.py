@@ -4,6 +4,8 @@ Per-family knowledge (layer list, projection names) comes from :mod:`pyflex.mode
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -14,6 +16,9 @@ from torch import nn
 from pyflex.layers import gated_mlp
 from pyflex.model.registry import REGISTRY_ATTR, LayerRegistry
 from pyflex.layers.linear import FlexLinear, is_linear_like
+from pyflex.layers.quantized import flex_linear_for
+from pyflex.model.config import (LoraPlan, PyflexConfig, check_pattern, is_peft_config, lora_plan_from_config,
+                                 pattern_value, used_pattern)
 from pyflex.model.families import FAMILIES, TASK_HEADS, resolve_layers, supported_families
 from pyflex.layers.token_context import install_token_context, remove_token_context
 
@@ -132,13 +137,74 @@ def find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]] = "
                     "or a non-empty list of module names")
 
 
-def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool = False, dropout: float = 0.0,
-                target_modules: Union[str, Sequence[str]] = "all-linear", layers: Union[None, int, Iterable[int]] = None,
-                tau: bool = False, lam: Optional[float] = None, tau0: float = 0.0, bias: str = "none",
-                adapter_dtype: Optional[torch.dtype] = None, train_bias: bool = False,
+class _Default:
+    """A keyword's default value, told apart from the same value passed on purpose (a LoraConfig or PyflexConfig next
+    to a keyword that would override it is an error; a default is not a keyword given). Shows as the value itself in
+    ``help(patch_model)``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _value(argument):
+    return argument.value if isinstance(argument, _Default) else argument
+
+
+# patch_model keywords that a peft.LoraConfig sets, and those a PyflexConfig sets
+_LORA_KEYWORDS = ("r", "alpha", "rslora", "dropout", "target_modules", "layers", "bias", "train_bias",
+                  "modules_to_save", "rank_pattern", "alpha_pattern")
+_PYFLEX_KEYWORDS = tuple(f.name for f in dataclasses.fields(PyflexConfig))
+
+
+def _split_configs(config, pyflex_config):
+    """(LoraConfig or None, PyflexConfig or None) from patch_model's two positional slots."""
+    lora_config = None
+    if isinstance(config, PyflexConfig):
+        if pyflex_config is not None:
+            raise TypeError("patch_model got two PyflexConfig objects; pass one (and a peft.LoraConfig, if any, first)")
+        config, pyflex_config = None, config
+    elif config is not None:
+        if not is_peft_config(config):
+            raise TypeError(f"patch_model's second argument must be a peft.LoraConfig or a pyflex.PyflexConfig, got "
+                            f"{type(config).__name__}; LoRA options can also be given as keywords (r=..., alpha=...)")
+        lora_config = config
+    if pyflex_config is not None and not isinstance(pyflex_config, PyflexConfig):
+        raise TypeError(f"pyflex_config must be a pyflex.PyflexConfig, got {type(pyflex_config).__name__}")
+    return lora_config, pyflex_config
+
+
+def patch_model(model: nn.Module, config=None, pyflex_config: Optional[PyflexConfig] = None, *,
+                r: int = _Default(8), alpha: float = _Default(16), rslora: bool = _Default(False),
+                dropout: float = _Default(0.0), target_modules: Union[str, Sequence[str]] = _Default("all-linear"),
+                layers: Union[None, int, Iterable[int]] = None, tau: bool = _Default(False),
+                lam: Optional[float] = None, tau0: float = _Default(0.0), bias: str = _Default("none"),
+                adapter_dtype: Optional[torch.dtype] = None, train_bias: bool = _Default(False),
                 layers_path: Optional[str] = None, recompute_mlp: Optional[bool] = None,
-                modules_to_save: Optional[Sequence[str]] = None) -> nn.Module:
+                modules_to_save: Optional[Sequence[str]] = None, rank_pattern: Optional[Dict[str, int]] = None,
+                alpha_pattern: Optional[Dict[str, float]] = None) -> nn.Module:
     """Replace the target linears of ``model`` by :class:`~pyflex.FlexLinear` in place and return ``model``.
+
+    Three ways to say what to adapt (they give the same patch for the same settings):
+
+        patch_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))   # what get_peft_model takes
+        patch_model(model, lora_config, pyflex.PyflexConfig(tau=True))                          # + pyflex's own options
+        patch_model(model, r=16, alpha=32, target_modules="all-linear", tau=True)               # keywords
+
+    With a ``peft.LoraConfig`` the adapted modules, their r and α (``rank_pattern`` / ``alpha_pattern``), dropout,
+    rsLoRA, bias mode, ``modules_to_save``, ``init_lora_weights`` (True, "gaussian", False) and ``inference_mode``
+    are exactly what ``peft.get_peft_model(model, config)`` would set up (PEFT's rules, including its "all-linear":
+    every Linear/Conv1D except the output layer; :mod:`pyflex.model.config`); a field pyflex does not implement
+    (DoRA, LoftQ, other inits, layer replication, LoRA biases, ...) is an error naming it. The LoRA keywords below
+    (r, alpha, rslora, dropout, target_modules, layers, bias, train_bias, modules_to_save, rank_pattern,
+    alpha_pattern) cannot be combined with a LoraConfig. pyflex's own options (tau, lam, tau0, adapter_dtype,
+    recompute_mlp, layers_path) come as keywords or as one :class:`pyflex.PyflexConfig`, not both. The configs
+    given are recorded in ``get_registry(model).config`` (``lora_config``, ``pyflex_config``) and written by
+    :func:`pyflex.save_adapter`.
 
     Afterwards only the adapter parameters (lora_A, lora_B, tau) require grad, plus biases and the modules to save
     if asked. Base parameter names and values are unchanged (``...q_proj.weight`` stays ``...q_proj.weight``). Each
@@ -149,13 +215,18 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
         r, alpha, rslora, dropout: LoRA rank, α, rsLoRA scaling (α/√r), dropout on the LoRA input (as PEFT).
         target_modules:
             ``"all-linear"``  every nn.Linear / GPT-2 Conv1D inside the decoder/encoder layers (never the LM head,
-                              nor anything outside the layers: e.g. BERT's pooler, unlike PEFT);
+                              nor anything outside the layers: e.g. BERT's pooler, unlike PEFT's "all-linear",
+                              which a LoraConfig gets);
             ``"attention"`` / ``"ffn"`` / ``"ffn_down"``: the family's projections from pyflex.model.families;
             a list of names: a module matches when its qualified name equals an entry or ends with ``"." + entry``
                               (PEFT's rule); every entry must match, and only Linear/Conv1D may match;
             any other string: a regex that must fully match the qualified module name (PEFT's rule), tried on
                               Linear/Conv1D modules only.
         layers: None (all), an int, a range or list of layer indices: only modules inside these layers.
+        rank_pattern, alpha_pattern: per-module r / α, PEFT's rule: ``{key: value}`` where the first key (in order)
+            that matches the end of a module's qualified name at a dot boundary (``key`` is a regex; "q_proj" and
+            "layers.1.self_attn.q_proj" both select ``model.layers.1.self_attn.q_proj``) gives its value, else
+            ``r`` / ``alpha``. Every key must select a patched module.
         tau: PEFT_S token mask with a trainable threshold τ, initial value ``tau0``.
         lam: PEFT_S λ (eq. 15), only with ``tau=True`` (passing it otherwise is an error). None means
             :data:`DEFAULT_LAM` = 4.5e-5, the paper's λ for LoRA_S on LLaMA3-8B (Table 1, with s = 4e-5, the τ step
@@ -173,51 +244,109 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
             otherwise; True: required (error for other families); False: off. Saves one (tokens × intermediate)
             tensor per layer, two where down_proj has an adapter.
         modules_to_save: names of whole modules that train fully, e.g. ``["score"]`` for a classification head.
-            PEFT's name rule (the qualified name equals an entry or ends with ``"." + entry``); every entry must
-            match a module with parameters, none may hold or be a target, and none may share a parameter with a
-            module outside it (tied weights). All their parameters require grad; they are registry adapters (of
-            their layer's handle, or ``extra_adapters`` outside the layers), so ``registry.adapter_parameters()``,
-            :func:`pyflex.save_adapter` / :func:`pyflex.load_adapter` and the PEFT export (PEFT's
-            ``modules_to_save``) include them. They train in place (PEFT trains a copy): :func:`unpatch` restores
-            their ``requires_grad``, not their values.
+            Keywords: the qualified name equals an entry or ends with ``"." + entry`` (a LoraConfig uses PEFT's own
+            rule, a plain suffix); every entry must match a module with parameters, none may hold or be a target,
+            and none may share a parameter with a module outside it (tied weights). All their parameters require
+            grad; they are registry adapters (of their layer's handle, or ``extra_adapters`` outside the layers), so
+            ``registry.adapter_parameters()``, :func:`pyflex.save_adapter` / :func:`pyflex.load_adapter` and the PEFT
+            export (PEFT's ``modules_to_save``) include them. They train in place (PEFT trains a copy):
+            :func:`unpatch` restores their ``requires_grad``, not their values.
 
     A task head transformers creates newly initialised (a module named as in :data:`pyflex.model.families.TASK_HEADS`:
     ``score``, ``classifier``, ``qa_outputs``) that is neither targeted nor in ``modules_to_save`` would stay
     frozen: patch_model warns, naming it.
 
-    ``model.save_pretrained(dir)`` on a patched transformers model writes the patched state dict (what HF Trainer
-    checkpoints and resumes) and pyflex's adapter files; ``from_pretrained(dir)`` alone gives the unpatched base
-    model, ``pyflex.load_adapter(from_pretrained(dir), dir)`` the patched one (see :class:`_SavePretrained`).
+    Saving: :func:`pyflex.save_adapter` (or ``pyflex.Trainer``'s checkpoints) writes the adapter alone;
+    ``model.save_pretrained`` is left as transformers defines it (the patched state dict, adapter keys included).
 
     Patching twice is an error: call :func:`unpatch` (or :func:`merge`) first, then patch with the new settings.
+    Every check runs before the model is touched: a call that raises leaves it as it was.
     """
     if is_patched(model) or any(isinstance(m, FlexLinear) for m in model.modules()):
         raise RuntimeError("model is already patched by pyflex; patching twice is not supported. "
                            "Call pyflex.unpatch(model) (or pyflex.merge(model)) first, then patch again")
+    lora_config, pyflex_config = _split_configs(config, pyflex_config)
+    arguments = dict(r=r, alpha=alpha, rslora=rslora, dropout=dropout, target_modules=target_modules, layers=layers,
+                     bias=bias, train_bias=train_bias, modules_to_save=modules_to_save, rank_pattern=rank_pattern,
+                     alpha_pattern=alpha_pattern, tau=tau, lam=lam, tau0=tau0, adapter_dtype=adapter_dtype,
+                     layers_path=layers_path, recompute_mlp=recompute_mlp)
+    given = {k: v for k, v in arguments.items() if not isinstance(v, _Default) and v is not None}
+    for keywords, other, what in ((_LORA_KEYWORDS, lora_config, "peft.LoraConfig"),
+                                  (_PYFLEX_KEYWORDS, pyflex_config, "pyflex.PyflexConfig")):
+        clash = [f"{k}={given[k]!r}" for k in keywords if k in given]
+        if other is not None and clash:
+            raise ValueError(f"patch_model got a {what} and the keyword argument{'s' if len(clash) > 1 else ''} "
+                             f"{', '.join(clash)}, which the {what} sets: give each option once (in the config)")
+    if pyflex_config is None:
+        pyflex_config = PyflexConfig(**{k: _value(arguments[k]) for k in _PYFLEX_KEYWORDS})
+    if lora_config is not None:
+        plan = lora_plan_from_config(model, lora_config)
+    else:
+        plan = _plan_from_keywords(model, pyflex_config.layers_path, **{k: _value(arguments[k]) for k in _LORA_KEYWORDS})
+    return _apply_plan(model, plan, pyflex_config, stacklevel=3)
+
+
+def _plan_from_keywords(model: nn.Module, layers_path: Optional[str], *, r, alpha, rslora, dropout, target_modules,
+                        layers, bias, train_bias, modules_to_save, rank_pattern, alpha_pattern) -> LoraPlan:
+    """The :class:`~pyflex.model.config.LoraPlan` of patch_model's LoRA keywords (pyflex's target rules)."""
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias={bias!r} is not allowed; allowed: {', '.join(_BIAS_MODES)}")
     if train_bias:
         if bias == "all":
             raise ValueError("train_bias=True conflicts with bias='all'; use one of them")
         bias = "lora_only"
-    if lam is not None and not tau:
-        raise ValueError(f"lam={lam!r} is given with tau={tau!r}: λ only acts through the PEFT_S τ mask; pass "
-                         "tau=True as well, or leave lam out")
-    lam = (DEFAULT_LAM if lam is None else lam) if tau else 0.0
     targets = find_targets(model, target_modules, layers, layers_path)
-    saved = _resolve_modules_to_save(model, modules_to_save, targets)
+    patterns = {}
+    for arg, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        patterns[arg] = check_pattern(pattern, arg)
+        unused = [k for k in patterns[arg] if k not in used_pattern(patterns[arg], targets)]
+        if unused:
+            raise ValueError(f"{arg} key {unused[0]!r} selects none of the patched modules (e.g. {targets[0]!r}); a key "
+                             "matches the end of a qualified module name at a dot boundary")
+    return LoraPlan(targets=targets, ranks={n: pattern_value(patterns["rank_pattern"], n, r) for n in targets},
+                    alphas={n: float(pattern_value(patterns["alpha_pattern"], n, alpha)) for n in targets},
+                    r=r, alpha=alpha, rslora=rslora, dropout=dropout, bias=bias, modules_to_save=modules_to_save,
+                    rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"])
+
+
+def _initialise(layers: Iterable[FlexLinear], init_lora_weights) -> None:
+    """PEFT's LoRA inits other than FlexLinear's own (True: A kaiming-uniform(a=√5), B = 0)."""
+    with torch.no_grad():
+        for layer in layers:
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(layer.lora_A, std=1.0 / layer.r)
+            elif init_lora_weights is False:  # B left as nn.Linear(r, out) would start: kaiming-uniform too
+                nn.init.kaiming_uniform_(layer.lora_B, a=math.sqrt(5))
+
+
+def _apply_plan(model: nn.Module, plan: LoraPlan, pyflex_config: PyflexConfig, stacklevel: int = 2) -> nn.Module:
+    """Patch ``model`` as ``plan`` says, with pyflex's options; every check runs before the model is touched."""
+    if plan.bias not in _BIAS_MODES:
+        raise ValueError(f"bias={plan.bias!r} is not allowed; allowed: {', '.join(_BIAS_MODES)}")
+    if plan.init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights={plan.init_lora_weights!r} is not allowed; allowed: True, False, 'gaussian'")
+    tau, tau0, adapter_dtype = pyflex_config.tau, pyflex_config.tau0, pyflex_config.adapter_dtype
+    layers_path = pyflex_config.layers_path
+    lam = (DEFAULT_LAM if pyflex_config.lam is None else pyflex_config.lam) if tau else 0.0
+    rslora, dropout, bias = plan.rslora, plan.dropout, plan.bias
+    targets = list(plan.targets)
+    saved = _resolve_modules_to_save(model, plan.modules_to_save, targets)
     layer_list, spec = resolve_layers(model, layers_path)
-    mlp_kind = _gated_mlp_kind(model, spec, recompute_mlp, layer_list)
+    mlp_kind = _gated_mlp_kind(model, spec, pyflex_config.recompute_mlp, layer_list)
     names_by_id = {id(m): n for n, m in model.named_modules()}
     block_names = [names_by_id[id(b)] for b in layer_list]
     orig_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     # Build every FlexLinear before touching the model, so a bad argument leaves the model unchanged.
     modules = dict(model.named_modules())
     flex: Dict[str, FlexLinear] = {
-        name: FlexLinear(modules[name], r=r, alpha=alpha, rslora=rslora, dropout=dropout, tau=tau, lam=lam,
-                         tau0=tau0, adapter_dtype=adapter_dtype).train(modules[name].training)
+        # a 4-bit NF4 base (bitsandbytes Linear4bit, torchao NF4Tensor) becomes a QuantizedFlexLinear; an unsupported
+        # quantized weight is an error naming the module
+        name: flex_linear_for(modules[name], name, r=plan.ranks[name], alpha=plan.alphas[name], rslora=rslora,
+                              dropout=dropout, tau=tau, lam=lam, tau0=tau0,
+                              adapter_dtype=adapter_dtype).train(modules[name].training)
         for name in targets
     }
+    _initialise(flex.values(), plan.init_lora_weights)
     taus = [layer.tau for layer in flex.values() if layer.tau is not None]
     for layer in flex.values():
         if layer.tau is not None:
@@ -251,27 +380,30 @@ def patch_model(model: nn.Module, *, r: int = 8, alpha: float = 16, rslora: bool
                 break
         else:
             registry.extra_adapters[name] = module
-    registry.config = dict(r=r, alpha=float(alpha), rslora=bool(rslora), dropout=float(dropout), tau=bool(tau),
-                           lam=float(lam), tau0=float(tau0), bias=bias,
+    if plan.inference_mode:  # PEFT's inference_mode: the adapters and modules to save stay frozen (biases do not)
+        for p in registry.adapter_parameters():
+            p.requires_grad_(False)
+    registry.config = dict(r=plan.r, alpha=float(plan.alpha), rslora=bool(rslora), dropout=float(dropout),
+                           tau=bool(tau), lam=float(lam), tau0=float(tau0), bias=bias,
                            adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).replace("torch.", ""),
                            target_modules=list(targets), layers_path=registry.layers_path,
                            recompute_mlp=bool(mlp_kind), modules_to_save=list(saved),
-                           model_type=getattr(getattr(model, "config", None), "model_type", None))
+                           model_type=getattr(getattr(model, "config", None), "model_type", None),
+                           rank_pattern=dict(plan.rank_pattern), alpha_pattern=dict(plan.alpha_pattern),
+                           lora_config=plan.lora_config, pyflex_config=pyflex_config.to_dict())
     registry._orig_requires_grad = orig_requires_grad
     registry.frozen_prefix.attach()
     token_context = install_token_context(model)
     for layer in flex.values():
         layer.token_context = token_context
     object.__setattr__(model, REGISTRY_ATTR, registry)
-    if callable(getattr(type(model), "save_pretrained", None)):
-        object.__setattr__(model, "save_pretrained", _SavePretrained(model))
     heads = _frozen_task_heads(model, targets + saved)
     if heads:
         leaves = [h.rpartition(".")[2] for h in heads]
         warnings.warn(f"pyflex.patch_model: {', '.join(map(repr, heads))} looks like a newly initialised task head and "
                       "is neither targeted nor in modules_to_save, so it stays frozen and this fine-tune trains no "
                       f"head. Pass modules_to_save={leaves!r} to train it fully (PEFT's modules_to_save), or name it "
-                      "in target_modules for a LoRA on it", UserWarning, stacklevel=2)
+                      "in target_modules for a LoRA on it", UserWarning, stacklevel=stacklevel)
     return model
 
 
@@ -319,28 +451,6 @@ def _frozen_task_heads(model: nn.Module, covered: List[str]) -> List[str]:
              if n.rpartition(".")[2] in TASK_HEADS and next(m.parameters(), None) is not None
              and not any(c == n or c.startswith(n + ".") or n.startswith(c + ".") for c in covered)]
     return [n for n in heads if not any(n.startswith(outer + ".") for outer in heads)]
-
-
-class _SavePretrained:
-    """``model.save_pretrained`` while ``model`` is patched (an instance attribute: patch_model sets it, unpatch
-    removes it; a class, not a closure, so deepcopy/pickle rebind it to the copied model).
-
-    transformers' method writes the patched state dict: base weights under their usual names, plus the adapter
-    tensors (``...q_proj.lora_A``, ``...tau``, ...). HF Trainer checkpoints are written this way and resumed by
-    loading that state dict into the patched model, so it still does exactly that. ``from_pretrained`` on a plain
-    model, though, drops the adapter keys (and reports them as unexpected): the directory therefore also gets
-    pyflex's adapter files (:func:`pyflex.save_adapter`), and ``pyflex.load_adapter(Model.from_pretrained(dir),
-    dir)`` gives the patched model back. For a plain checkpoint with the LoRA folded in, :func:`merge` first.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, save_directory, *args, **kwargs):
-        from pyflex.integrations.adapter_files import save_adapter  # io imports this module
-        if kwargs.get("is_main_process", True):  # first: transformers empties a state_dict it is given as it writes
-            save_adapter(self.model, str(save_directory), state_dict=kwargs.get("state_dict"))
-        type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
 
 
 def _gated_mlp_kind(model: nn.Module, spec, recompute_mlp: Optional[bool], layer_list) -> str:
@@ -394,8 +504,6 @@ def unpatch(model: nn.Module) -> nn.Module:
         if n in orig:
             p.requires_grad_(orig[n])
     delattr(model, REGISTRY_ATTR)
-    if isinstance(model.__dict__.get("save_pretrained"), _SavePretrained):
-        del model.__dict__["save_pretrained"]
     return model
 
 

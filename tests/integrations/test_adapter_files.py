@@ -342,7 +342,10 @@ def test_peft_modules_to_save_both_ways(tmp_path):
     assert_close(flex(input_ids=ids).logits, pm(input_ids=ids).logits)
 
     pyflex.save_peft_adapter(flex, str(tmp_path / "flex"))
-    assert json.loads((tmp_path / "flex" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    exported = json.loads((tmp_path / "flex" / "adapter_config.json").read_text())
+    original = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # the config it was loaded from round-trips (PEFT wrote SEQ_CLS's heads into modules_to_save)
+    assert exported["task_type"] == "SEQ_CLS" and exported["modules_to_save"] == original["modules_to_save"]
     assert "base_model.model.score.weight" in load_file(str(tmp_path / "flex" / "adapter_model.safetensors"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -350,6 +353,106 @@ def test_peft_modules_to_save_both_ways(tmp_path):
     assert_close(back(input_ids=ids).logits, flex(input_ids=ids).logits)
 
     other = pyflex.patch_model(copy.deepcopy(base), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    with pytest.raises(ValueError, match=r"modules_to_save: the model is patched with \[\], the PEFT adapter has "
-                                         r"\['score'\]"):
+    with pytest.raises(ValueError, match=r"another patch than the model has: modules_to_save: the model is patched "
+                                         r"with \[\], the config has \['score'\]"):
         pyflex.load_peft_adapter(other, str(tmp_path / "peft"))
+
+
+def _peft_logits(base, path, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(path))
+    return pm, pm(input_ids=ids).logits
+
+
+def test_save_adapter_writes_the_given_configs_and_load_replays_patterns(tmp_path):
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["gate_proj"],
+                           rank_pattern={"down_proj": 2, "layers.0.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3})
+    src = pyflex.patch_model(tiny_model("llama"), lora, pyflex.PyflexConfig(tau=True, lam=1e-4))
+    _perturb(src)
+    pyflex.save_adapter(src, str(tmp_path))
+    saved = json.loads((tmp_path / "pyflex_config.json").read_text())["patch"]
+    assert saved["lora_config"]["target_modules"] == "all-linear"
+    assert saved["lora_config"]["rank_pattern"] == {"down_proj": 2, "layers.0.self_attn.q_proj": 6}
+    assert saved["lora_config"]["exclude_modules"] == ["gate_proj"]
+    assert saved["pyflex_config"] == dict(tau=True, lam=1e-4, tau0=0.0, adapter_dtype=None, recompute_mlp=None,
+                                          layers_path=None)
+    dst = pyflex.load_adapter(tiny_model("llama"), str(tmp_path))  # modules of three ranks and two α
+    assert pyflex.get_registry(dst).config == pyflex.get_registry(src).config
+    assert {m.r for m in dst.modules() if isinstance(m, pyflex.FlexLinear)} == {2, 4, 6}
+    ids = tokens()
+    assert_close(dst(input_ids=ids).logits, src(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(target_modules="all-linear", rank_pattern={"down_proj": 2, "layers.0.self_attn.q_proj": 6},
+         alpha_pattern={"v_proj": 3, "o_proj": 12}, use_rslora=True),
+    dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[0, 2], layers_pattern="layers",
+         rank_pattern={"up_proj": 3}, exclude_modules=["layers.2.self_attn.q_proj"]),
+    dict(target_modules=r".*\.(0|1)\.self_attn\.(q|v)_proj", alpha_pattern={"layers.1.self_attn.v_proj": 2}),
+])
+def test_peft_export_round_trips_the_lora_config(tmp_path, kwargs):
+    base = tiny_model("llama")
+    flex = pyflex.patch_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **kwargs))
+    randomize_flex(flex)
+    pyflex.save_peft_adapter(flex, str(tmp_path))
+    exported = json.loads((tmp_path / "adapter_config.json").read_text())
+    for field, value in kwargs.items():
+        assert exported[field] == (sorted(value) if isinstance(value, list) else value), field
+    ids = tokens()
+    pm, logits = _peft_logits(base, tmp_path, ids)
+    assert_close(logits, flex(input_ids=ids).logits)
+    for name, module in peft_lora_modules(pm).items():
+        assert (module.r["default"], module.scaling["default"]) == (flex.get_submodule(name).r,
+                                                                    flex.get_submodule(name).scaling)
+    back = pyflex.load_peft_adapter(copy.deepcopy(base), str(tmp_path))
+    assert_close(back(input_ids=ids).logits, flex(input_ids=ids).logits)
+    assert pyflex.get_registry(back).config["lora_config"]["target_modules"] == exported["target_modules"]
+
+
+def test_peft_export_of_keyword_patterns(tmp_path):
+    base = tiny_model("gpt2")
+    flex = pyflex.patch_model(copy.deepcopy(base), r=4, alpha=8, target_modules=["c_attn", "c_fc"],
+                              rank_pattern={"h.1.attn.c_attn": 2}, alpha_pattern={"c_fc": 2.0})
+    randomize_flex(flex)
+    pyflex.save_peft_adapter(flex, str(tmp_path))
+    exported = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert exported["rank_pattern"] == {"h.1.attn.c_attn": 2} and exported["alpha_pattern"] == {"c_fc": 2.0}
+    ids = tokens()
+    _, logits = _peft_logits(base, tmp_path, ids)
+    assert_close(logits, flex(input_ids=ids).logits)
+    back = pyflex.load_peft_adapter(copy.deepcopy(base), str(tmp_path))
+    assert back.transformer.h[1].attn.c_attn.r == 2 and back.transformer.h[0].attn.c_attn.r == 4
+    assert_close(back(input_ids=ids).logits, flex(input_ids=ids).logits)
+
+
+def test_peft_export_derives_patterns_for_modules_of_other_ranks(tmp_path):
+    """A patch whose recorded patterns no longer describe it (ranks set per module by a saved pyflex file of another
+    layout) still exports exactly: one exact-name key per module that differs."""
+    from pyflex.integrations.peft_config import peft_adapter_config
+    flex = pyflex.patch_model(tiny_model("llama"), r=4, alpha=8, target_modules=["q_proj"],
+                              rank_pattern={"layers.2.self_attn.q_proj": 2})
+    pyflex.get_registry(flex).config["rank_pattern"] = {}  # as if the record were lost
+    config = peft_adapter_config(flex)
+    assert config["r"] == 4 and config["rank_pattern"] == {r"model\.layers\.2\.self_attn\.q_proj": 2}
+
+
+def test_load_peft_adapter_with_patterns_matches_peft(tmp_path):
+    base, pm = _peft_saved(tmp_path, rank_pattern={"up_proj": 2, "layers.1.self_attn.q_proj": 6},
+                           alpha_pattern={"down_proj": 32})
+    flex = pyflex.load_peft_adapter(copy.deepcopy(base), str(tmp_path))
+    assert flex.model.layers[1].self_attn.q_proj.r == 6 and flex.model.layers[0].mlp.up_proj.r == 2
+    ids = tokens()
+    flex_logits, flex_loss = lm_loss(flex, ids)
+    peft_logits, peft_loss = lm_loss(pm, ids)
+    assert_close(flex_logits, peft_logits)
+    flex_loss.backward()
+    peft_loss.backward()
+    for name, module in peft_lora_modules(pm).items():
+        assert_close(flex.get_submodule(name).lora_B.grad, module.lora_B["default"].weight.grad)
+    # a model patched with the same modules but without the patterns is another patch: refused, naming the module
+    other = pyflex.patch_model(copy.deepcopy(base), r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj",
+                                                                                   "down_proj"])
+    with pytest.raises(ValueError, match=r"another patch than the model has: .*up_proj: the model is patched with "
+                                         r"r=4, alpha=8, rslora=False, the config has r=2"):
+        pyflex.load_peft_adapter(other, str(tmp_path))

@@ -554,3 +554,60 @@ def test_frozen_task_head_warns(family, head):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pyflex.patch_model(tiny_model(family), r=4, target_modules=["query"] if family == "bert" else "all-linear")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rank_and_alpha_patterns_match_peft(family):
+    """Keyword rank_pattern / alpha_pattern: each module gets its own r and α in the op, as PEFT's patterns give."""
+    base = tiny_model(family)
+    targets = ["q_proj", "down_proj", "o_proj"] if family == "llama" else ["c_attn", "c_fc", "mlp.c_proj"]
+    rank_pattern = ({"layers.1.self_attn.q_proj": 2, "down_proj": 6} if family == "llama"
+                    else {"h.1.attn.c_attn": 2, "c_fc": 6})
+    alpha_pattern = {"o_proj": 3.0, r"layers\.[02]\.mlp\.down_proj": 24} if family == "llama" else {"c_proj": 3.0}
+    flex = pyflex.patch_model(copy.deepcopy(base), r=4, alpha=8, rslora=True, target_modules=targets,
+                              rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, use_rslora=True, target_modules=targets, rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern, fan_in_fan_out=family == "gpt2"))
+    theirs = peft_lora_modules(pm)
+    assert set(pyflex.get_registry(flex).adapter_modules()) == set(theirs)
+    ranks = set()
+    for name, module in theirs.items():
+        ours = flex.get_submodule(name)
+        assert (ours.r, ours.scaling) == (module.r["default"], module.scaling["default"]), name
+        ranks.add(ours.r)
+    assert ranks == {2, 4, 6}
+    randomize_peft(pm)
+    copy_peft_to_flex(pm, flex)
+    _compare_logits_and_grads(flex, pm, tokens())
+    config = pyflex.get_registry(flex).config
+    assert config["rank_pattern"] == rank_pattern and config["alpha_pattern"] == alpha_pattern
+
+
+def test_pattern_errors_leave_the_model_untouched():
+    model = tiny_model("llama")
+    cases = [
+        (dict(rank_pattern={"q_prj": 2}), "rank_pattern key 'q_prj' selects none of the patched modules"),
+        (dict(alpha_pattern={"(": 2}), "alpha_pattern key '\\(' is not a valid regex"),
+        (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]=0 is not allowed"),
+        (dict(rank_pattern={"q_proj": 2.5}), r"rank_pattern\['q_proj'\]=2.5 is not allowed"),
+        (dict(alpha_pattern={"q_proj": -1}), r"alpha_pattern\['q_proj'\]=-1 is not allowed"),
+    ]
+    for kwargs, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            pyflex.patch_model(model, target_modules=["q_proj", "v_proj"], **kwargs)
+        assert not pyflex.model.patch.is_patched(model) and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(TypeError, match="rank_pattern=.* must be a dict"):
+        pyflex.patch_model(model, rank_pattern=[("q_proj", 2)])
+
+
+def test_keyword_defaults_are_not_counted_as_given():
+    """The documented defaults still apply, and an explicit keyword equal to a default is still an explicit keyword."""
+    import inspect
+    signature = inspect.signature(pyflex.patch_model)
+    assert repr(signature.parameters["r"].default) == "8" and repr(signature.parameters["alpha"].default) == "16"
+    model = pyflex.patch_model(tiny_model("llama"))
+    config = pyflex.get_registry(model).config
+    assert (config["r"], config["alpha"], config["bias"], config["tau"]) == (8, 16.0, "none", False)
+    with pytest.raises(ValueError, match="keyword argument r=8"):
+        pyflex.patch_model(tiny_model("llama"), peft.LoraConfig(), r=8)
