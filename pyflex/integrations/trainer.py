@@ -29,26 +29,51 @@ drives a layer schedule and saves all of it with checkpoints.
 * ``on_step_begin``: ``schedule.step()`` before the forward of every optimizer step.
 * ``on_save``: writes ``pyflex_schedule.pt`` (the schedule's ``state_dict()``) and ``pyflex_tau_optimizer.pt``
   into ``checkpoint-<step>``.
-* ``on_log``: adds ``pyflex/active_layers`` (count), ``pyflex/tau_sparsity`` (mean over τ-masked layers of the
-  last forward), ``pyflex/importance_<layer>`` (IST) and ``pyflex/grad_norm`` to the logs.
+* Logs (:meth:`PyflexCallback.metrics`), added to every training log: ``pyflex/grad_norm``; with τ,
+  ``pyflex/tau_sparsity`` (mean over τ-masked layers of the last forward) and per layer
+  ``pyflex/tau_sparsity/layer_<i>`` and ``pyflex/tau/layer_<i>`` (mean τ of the layer's masked modules); with a
+  schedule, ``pyflex/active_layers`` (count), ``pyflex/schedule_step`` and ``pyflex/active/layer_<i>`` (1 when layer
+  i trains at this step), for IST ``pyflex/importance/layer_<i>`` and ``pyflex/ist_rounds`` (importance rounds done),
+  for LIFT ``pyflex/lift_block`` (the active block) and ``pyflex/lift_progress`` (fraction of ``total_steps`` done).
+  ``<i>`` is the registry's layer index, zero-padded to the width of the last one (``layer_07`` of 32 layers) so
+  TensorBoard lists the layers in order.
+
+Reaching ``report_to``: the Trainer calls its reporting callbacks (TensorBoard, W&B, ...) *before* the callbacks it
+was given, so values a callback adds in ``on_log`` reach ``trainer.state.log_history`` but not the reporters.
+:class:`Trainer` (this module; ``pyflex.Trainer``) adds them in ``Trainer.log`` before any callback runs, so they
+reach every reporter; it also adds a ``PyflexCallback()`` to a patched model's Trainer that has none, and writes
+adapter-only checkpoints (:mod:`pyflex.integrations.checkpoints`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Iterable, List, Optional, Tuple
 
 import torch
+import transformers
 from transformers import TrainerCallback
 
+from pyflex.integrations.checkpoints import has_checkpoint_adapter, load_checkpoint_adapter, save_checkpoint_adapter
 from pyflex.lora import tau_lambda
 from pyflex.lora.tau import TAU_ALPHA, TAU_BETAS, TAU_EPS, TAU_GROUP_NAME, TAU_S, is_tau_rule_group
+from pyflex.methods.ist import ImportanceSchedule
+from pyflex.methods.lift import LiftSchedule
 from pyflex.model.optim import clip_grad_norm_, has_fsdp1, tau_parameters
+from pyflex.model.patch import is_patched
 
 SCHEDULE_FILE = "pyflex_schedule.pt"
 TAU_OPTIMIZER_FILE = "pyflex_tau_optimizer.pt"
+# What transformers' Trainer names these files (transformers.utils / transformers.trainer); spelled out here so this
+# module does not depend on where a release keeps the constants.
+_FULL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                      "pytorch_model.bin.index.json")
+_TRAINING_ARGS_FILE = "training_args.bin"
 
-__all__ = ["PyflexCallback", "SCHEDULE_FILE", "TAU_OPTIMIZER_FILE"]
+__all__ = ["PyflexCallback", "PyflexTrainerMixin", "Trainer", "SCHEDULE_FILE", "TAU_OPTIMIZER_FILE"]
+
+logger = logging.getLogger(__name__)
 
 
 class PyflexCallback(TrainerCallback):
@@ -85,6 +110,7 @@ class PyflexCallback(TrainerCallback):
         self.max_grad_norm: Optional[float] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._registry = schedule.registry if schedule is not None else None
+        self._logs_with_metrics = None  # the logs dict :meth:`add_metrics` already completed (see Trainer.log)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _files(self) -> List[str]:
@@ -219,24 +245,54 @@ class PyflexCallback(TrainerCallback):
         return control
 
     def metrics(self) -> dict:
-        """Numbers worth logging now."""
+        """Numbers worth logging now (the keys are listed in the module docstring). Reads τ and the masks of the
+        last forward with one host sync each."""
         out = {}
-        if self.schedule is not None:
-            out["pyflex/active_layers"] = float(len(self.schedule.active_layers))
-        if self._registry is not None:
-            sparsities = [v for v in self._registry.tau_sparsity().values() if v is not None]
-            if sparsities:
-                out["pyflex/tau_sparsity"] = sum(sparsities) / len(sparsities)
-        importance = getattr(self.schedule, "importance", None)
-        if isinstance(importance, torch.Tensor):
-            for layer, value in zip(self.schedule.layers, importance.tolist()):
-                out[f"pyflex/importance_{layer}"] = value
+        registry = self._registry
+        schedule = self.schedule
+        width = len(str(max(registry.num_layers - 1, 0))) if registry is not None else 1
+        key = lambda group, i: f"pyflex/{group}/layer_{i:0{width}d}"  # noqa: E731
+        if schedule is not None:
+            active = set(schedule.active_layers)
+            out["pyflex/active_layers"] = float(len(active))
+            out["pyflex/schedule_step"] = float(schedule.step_count)
+            for i in schedule.layers:
+                out[key("active", i)] = float(i in active)
+            if isinstance(schedule, LiftSchedule):
+                if active:
+                    out["pyflex/lift_block"] = float(schedule.active_layers[0])
+                if schedule.total_steps:
+                    out["pyflex/lift_progress"] = min(schedule.step_count, schedule.total_steps) / schedule.total_steps
+            if isinstance(schedule, ImportanceSchedule):
+                out["pyflex/ist_rounds"] = float(len(schedule.history))
+                for i, value in zip(schedule.layers, schedule.importance.tolist()):
+                    out[key("importance", i)] = value
+        if registry is not None:
+            sparsity = {i: v for i, v in registry.tau_sparsity().items() if v is not None}
+            if sparsity:
+                out["pyflex/tau_sparsity"] = sum(sparsity.values()) / len(sparsity)
+                for i, value in sparsity.items():
+                    out[key("tau_sparsity", i)] = value
+            taus = [(h.index, m.tau) for h in registry.layers for m in h.adapters.values()
+                    if isinstance(getattr(m, "tau", None), torch.nn.Parameter)]
+            if taus:
+                values = torch.stack([t.detach().float().reshape(()).to(taus[0][1].device) for _, t in taus]).tolist()
+                per_layer: dict = {}
+                for (i, _), value in zip(taus, values):
+                    per_layer.setdefault(i, []).append(value)
+                for i, layer_values in per_layer.items():
+                    out[key("tau", i)] = sum(layer_values) / len(layer_values)
         if self.last_grad_norm is not None:
             out["pyflex/grad_norm"] = float(self.last_grad_norm)
         return out
 
+    def add_metrics(self, logs: dict) -> None:
+        """Put :meth:`metrics` into ``logs`` (what :class:`Trainer` does before its reporters see them)."""
+        logs.update(self.metrics())
+        self._logs_with_metrics = logs
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
+        if logs is None or logs is self._logs_with_metrics or not _is_training_log(logs):
             return control
         extra = self.metrics()
         logs.update(extra)
@@ -244,3 +300,93 @@ class PyflexCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
         return control
+
+
+def _is_training_log(logs: dict) -> bool:
+    """A log of training steps (not evaluation or prediction metrics, nor the end-of-training summary)."""
+    return "train_runtime" not in logs and not any(k.startswith(("eval_", "test_")) for k in logs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Trainer
+# --------------------------------------------------------------------------------------------------
+class PyflexTrainerMixin:
+    """What a Trainer class needs for a pyflex-patched model; mixed in before ``transformers.Trainer`` or a subclass
+    of it (TRL's trainers: :mod:`pyflex.integrations.trl`).
+
+    * A patched model's Trainer gets a :class:`PyflexCallback` unless one is given (τ's rule, clipping; pass
+      ``PyflexCallback(schedule)`` yourself to drive a schedule).
+    * ``log``: the callbacks' metrics go into the logs before the reporting callbacks run (module docstring).
+    * ``_save`` (checkpoints and ``save_model``): a patched model is written as its adapter only
+      (:func:`pyflex.integrations.checkpoints.save_checkpoint_adapter`: pyflex files, PEFT files when PEFT can hold
+      the adapter), plus the tokenizer and the training arguments as the Trainer writes them; no base weights.
+    * ``_load_from_checkpoint`` (``train(resume_from_checkpoint=...)``) and ``_load_best_model``
+      (``load_best_model_at_end``): into a patched model they load those adapter files, after checking that the
+      checkpoint was saved with the model's settings. A checkpoint with full weights (a plain Trainer's) loads as
+      the Trainer loads it. Under DeepSpeed and FSDP the Trainer's own sharded checkpoints are what resumes.
+
+    A model that is not patched is left entirely to the Trainer.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pyflex_attach_callback()
+
+    def _pyflex_attach_callback(self) -> None:
+        if is_patched(self.model) and not self._pyflex_callbacks():
+            self.add_callback(PyflexCallback())
+
+    def _pyflex_callbacks(self) -> List[PyflexCallback]:
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, PyflexCallback)]
+
+    def _pyflex_owns_model_files(self) -> bool:
+        return is_patched(self.model) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def log(self, logs, *args, **kwargs):
+        if _is_training_log(logs):
+            for callback in self._pyflex_callbacks():
+                callback.add_metrics(logs)
+        return super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        if not is_patched(self.model):
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        written = save_checkpoint_adapter(self.model, output_dir, state_dict=state_dict)
+        logger.info("pyflex: saved the adapter (%s) to %s", ", ".join(written), output_dir)
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, _TRAINING_ARGS_FILE))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.model if model is None else model
+        if not (self._pyflex_owns_model_files() and is_patched(target)):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not has_checkpoint_adapter(resume_from_checkpoint) and any(
+                os.path.isfile(os.path.join(resume_from_checkpoint, f)) for f in _FULL_WEIGHT_FILES):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # a full checkpoint: adapter keys in it
+        logger.info("pyflex: loading the adapter from %s", resume_from_checkpoint)
+        load_checkpoint_adapter(target, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        path = self.state.best_model_checkpoint
+        if self._pyflex_owns_model_files() and path and has_checkpoint_adapter(path):
+            logger.info("pyflex: loading the best adapter from %s (score: %s)", path, self.state.best_metric)
+            load_checkpoint_adapter(self.model, path)
+            return None
+        return super()._load_best_model()
+
+
+class Trainer(PyflexTrainerMixin, transformers.Trainer):
+    """``transformers.Trainer`` for pyflex-patched models (:class:`PyflexTrainerMixin`): a :class:`PyflexCallback`
+    by default, pyflex's metrics in every ``report_to`` integration, adapter-only checkpoints that resume exactly and
+    that ``pyflex.load_adapter`` (and, τ off, ``peft.PeftModel.from_pretrained``) load. Same arguments as
+    ``transformers.Trainer``."""

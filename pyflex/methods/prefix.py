@@ -102,6 +102,9 @@ class _ObserveInput:
         if not isinstance(hidden, torch.Tensor):
             raise RuntimeError(f"{type(module).__name__} was called without a hidden-states tensor as its first "
                                "argument; the HLPT gate observing its input needs it")
+        if not self.gate.adapter_enabled:  # switched off (pyflex.disable_adapters): nothing reads it this forward
+            self.gate._observed = None
+            return
         self.gate._observed = self.gate.coefficients(hidden)
 
 
@@ -137,6 +140,8 @@ class PooledGate(nn.Module):
             context.add_batch_state(self._state)
         self.observes: Optional[str] = None        # name of the module whose input the gate reads, if any
         self._observed: Optional[torch.Tensor] = None
+        # False while pyflex.disable_adapters runs the base model: the observing pre-hook then computes nothing
+        self.adapter_enabled = True
 
     def observe_input_of(self, module: nn.Module, name: str = "") -> None:
         """Read the gate's input from ``module``'s input (forward pre-hook) instead of the tensor passed to
@@ -223,6 +228,16 @@ class GatedPrefix(nn.Module):
     @property
     def prefix_len(self) -> int:
         return self.prefix_key.shape[1]
+
+    @property
+    def adapter_enabled(self) -> bool:
+        """The switch :func:`pyflex.disable_adapters` turns off (the same flag as ``enabled``): a disabled prefix adds
+        nothing to attention and its gate is not computed."""
+        return self.enabled
+
+    @adapter_enabled.setter
+    def adapter_enabled(self, flag: bool) -> None:
+        self.enabled = bool(flag)
 
     def observe(self, hidden_states: torch.Tensor) -> None:
         """Compute this forward's per-token gate from the attention input (B, S, hidden)."""

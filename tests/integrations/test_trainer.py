@@ -46,13 +46,13 @@ def _args(out, max_steps):
                              dataloader_num_workers=0, seed=0, disable_tqdm=True)
 
 
-def _run(tmp_path, make_schedule, max_steps=6, resume=None, resume_from=None):
+def _run(tmp_path, make_schedule, max_steps=6, resume=None, resume_from=None, trainer_cls=Trainer):
     model = tiny_llama(num_layers=4)
     pyflex.patch_model(model, r=4, alpha=8)
     schedule = make_schedule(model)
     recorder = Recorder(schedule)
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps), train_dataset=ToyDataset(),
-                      callbacks=[PyflexCallback(schedule, resume_from=resume_from), recorder])
+    trainer = trainer_cls(model=model, args=_args(tmp_path, max_steps), train_dataset=ToyDataset(),
+                          callbacks=[PyflexCallback(schedule, resume_from=resume_from), recorder])
     with pyflex.use_backend("reference"):
         trainer.train(resume_from_checkpoint=resume)
     return trainer, schedule, recorder
@@ -82,7 +82,7 @@ def test_trainer_resume_reproduces_the_schedule(tmp_path, kind):
     logged = [h for h in trainer.state.log_history if "pyflex/active_layers" in h]
     assert logged and logged[0]["pyflex/active_layers"] == (1.0 if kind == "lift" else 2.0)
     if kind == "ist":
-        assert "pyflex/importance_0" in logged[-1] and len(schedule.history) == 2
+        assert "pyflex/importance/layer_0" in logged[-1] and len(schedule.history) == 2
 
     # resume from step 3 with a schedule built from another seed: the saved state must win
     _, resumed_schedule, resumed = _run(tmp_path, make(999), resume=str(ckpt))
@@ -91,19 +91,23 @@ def test_trainer_resume_reproduces_the_schedule(tmp_path, kind):
         assert torch.equal(resumed_schedule.scores, schedule.scores)
 
 
-def test_ist_resume_under_trainer_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("trainer_cls", [Trainer, pyflex.Trainer], ids=["hf_trainer", "pyflex_trainer"])
+def test_ist_resume_under_trainer_is_bit_exact(tmp_path, trainer_cls):
     """Stopped at step 3 and resumed, IST with the model's own loss and the callback's importance batches ends with
     the uninterrupted run's importance history, active sets and adapters, bit for bit. The importance batch of the
-    update at step 4 is the second of the pass: the checkpoint must carry the importance iterator's position."""
+    update at step 4 is the second of the pass: the checkpoint must carry the importance iterator's position.
+    The HF Trainer resumes from its full checkpoint, pyflex.Trainer from the adapter files alone."""
     make = lambda seed: (lambda m: ImportanceSchedule(m, n_u=2, t_c=2, n_c=2, seed=seed))  # noqa: E731
-    full_trainer, full, full_rec = _run(tmp_path / "full", make(5), max_steps=8)
+    full_trainer, full, full_rec = _run(tmp_path / "full", make(5), max_steps=8, trainer_cls=trainer_cls)
+    has_weights = (tmp_path / "full" / "checkpoint-3" / "model.safetensors").is_file()
+    assert has_weights == (trainer_cls is Trainer)
     assert [h["step"] for h in full.history] == [2, 4, 6]
     saved = torch.load(tmp_path / "full" / "checkpoint-3" / SCHEDULE_FILE, weights_only=True)
     assert saved["importance_data"]["kind"] == "stateful" and saved["importance_data"]["state"]["position"] == 1
 
     ckpt = str(tmp_path / "full" / "checkpoint-3")  # another output_dir: the callback is told where to resume from
     resumed_trainer, resumed, resumed_rec = _run(tmp_path / "resumed", make(999), max_steps=8, resume=ckpt,
-                                                 resume_from=ckpt)
+                                                 resume_from=ckpt, trainer_cls=trainer_cls)
     assert resumed_rec.seen == full_rec.seen[3:]
     assert resumed.history == full.history  # candidate sets, losses (floats), rewards, importance after each update
     assert torch.equal(resumed.scores, full.scores)
@@ -171,7 +175,7 @@ def test_metrics_report_tau_sparsity_and_active_count():
     metrics = cb.metrics()
     assert metrics["pyflex/active_layers"] == 1.0
     assert 0.5 < metrics["pyflex/tau_sparsity"] <= 1.0
-    assert [metrics[f"pyflex/importance_{i}"] for i in range(4)] == [0.0] * 4
+    assert [metrics[f"pyflex/importance/layer_{i}"] for i in range(4)] == [0.0] * 4
 
 
 # -- τ and clipping under the Trainer -------------------------------------------------------------------------
@@ -294,3 +298,173 @@ def test_trainer_max_grad_norm_clips_adapters_only(tmp_path):
         assert torch.allclose(clipped[n], want[n], rtol=1e-6, atol=0), n
     assert trainer.state.log_history[0]["pyflex/grad_norm"] == pytest.approx(float(norm), rel=1e-6)
     assert trainer.args.max_grad_norm == 1e-3  # the Trainer's setting is back after training
+
+
+# -- pyflex.Trainer: adapter-only checkpoints, exact resume, metrics in report_to -----------------------------
+def _lora_model(tau=False, r=4):
+    """A patched tiny Llama whose lora_B is away from zero (so the adapter changes the logits from the start)."""
+    model = tiny_llama(num_layers=2)
+    pyflex.patch_model(model, r=r, alpha=8, **(dict(tau=True, lam=1e-3) if tau else {}))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _train(out, model, max_steps, trainer_cls=pyflex.Trainer, resume=None, callbacks=None, **kwargs):
+    settings = dict(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-2,
+                    save_strategy="steps", save_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+                    dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = trainer_cls(model=model, args=TrainingArguments(**{**settings, **kwargs}), train_dataset=ToyDataset(),
+                          callbacks=callbacks)
+    with pyflex.use_backend("reference"):
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _adapters(model):
+    return {n: p.detach().clone() for n, p in pyflex.get_registry(model).named_adapter_parameters().items()}
+
+
+def _dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def test_checkpoints_hold_the_adapter_not_the_base_and_save_model_loads_in_pyflex_and_peft(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    trainer = _train(tmp_path / "pyflex", _lora_model(), 2)
+    model = trainer.model
+    ckpt = tmp_path / "pyflex" / "checkpoint-2"
+    files = set(os.listdir(ckpt))
+    assert {"pyflex_adapter.safetensors", "pyflex_config.json", "adapter_model.safetensors", "adapter_config.json",
+            "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}
+    adapters = _adapters(model)
+    assert set(load_file(str(ckpt / "pyflex_adapter.safetensors"))) == set(adapters)  # no base tensor
+    # the HF Trainer on the same patched model writes the frozen base again in every checkpoint
+    _train(tmp_path / "hf", _lora_model(), 2, trainer_cls=Trainer)
+    hf_ckpt = tmp_path / "hf" / "checkpoint-2"
+    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in adapters)
+    assert os.path.getsize(hf_ckpt / "model.safetensors") > base_bytes
+    assert _dir_bytes(ckpt) < _dir_bytes(hf_ckpt)  # here the adapter is large next to the base; see README for sizes
+
+    trainer.save_model(str(tmp_path / "final"))
+    ids = make_batches(1, batch=2, seq=8)[0]["input_ids"]
+    with pyflex.use_backend("reference"), torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+        got = pyflex.load_adapter(tiny_llama(num_layers=2).eval(), str(tmp_path / "final"))(input_ids=ids).logits
+        assert torch.equal(got, want)
+        peft_model = PeftModel.from_pretrained(tiny_llama(num_layers=2).eval(), str(tmp_path / "final"))
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_from_an_adapter_checkpoint_is_bit_exact_with_tau(tmp_path):
+    """τ on: the Trainer's AdamW trains the LoRA, the default PyflexCallback trains τ by its rule; stopped at step 2
+    of 5 and resumed from the adapter-only checkpoint, every adapter parameter ends as in the uninterrupted run."""
+    full = _train(tmp_path, _lora_model(tau=True), 5)
+    (callback,) = [cb for cb in full.callback_handler.callbacks if isinstance(cb, PyflexCallback)]
+    assert callback.tau_optimizer is not None  # added by pyflex.Trainer, not by the test
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / TAU_OPTIMIZER_FILE).is_file() and not (ckpt / "model.safetensors").exists()
+    assert not (ckpt / "adapter_model.safetensors").exists()  # τ has no PEFT form
+    want = _adapters(full.model)
+    fresh = _lora_model(tau=True)
+    before = _adapters(fresh)
+    resumed = _train(tmp_path, fresh, 5, resume=str(ckpt))
+    got = _adapters(resumed.model)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert any(not torch.equal(got[n], before[n]) for n in want)
+    losses = lambda t: [(h["step"], h["loss"]) for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert losses(resumed) == losses(full)  # the steps after 2 were run again and gave the same losses
+
+
+def test_resume_into_a_differently_patched_model_or_a_checkpoint_without_adapter_is_an_error(tmp_path):
+    _train(tmp_path, _lora_model(), 2)
+    with pytest.raises(ValueError, match=r"other settings.*\br: model 8, file 4"):
+        _train(tmp_path, _lora_model(r=8), 4, resume=str(tmp_path / "checkpoint-2"))
+    os.remove(tmp_path / "checkpoint-2" / "pyflex_adapter.safetensors")
+    with pytest.raises(FileNotFoundError, match="pyflex_adapter.safetensors"):
+        _train(tmp_path, _lora_model(), 4, resume=str(tmp_path / "checkpoint-2"))
+
+
+def test_load_best_model_at_end_loads_the_best_adapter(tmp_path):
+    # eval loss with "greater is better": the best checkpoint is the first one, not the last, so loading it shows
+    args = dict(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                greater_is_better=True)
+    model = _lora_model()
+    trainer = pyflex.Trainer(model=model, args=TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, logging_steps=1, report_to=[], use_cpu=True, dataloader_num_workers=0,
+        seed=0, disable_tqdm=True, **args), train_dataset=ToyDataset(), eval_dataset=ToyDataset(8))
+    with pyflex.use_backend("reference"):
+        trainer.train()
+    from safetensors.torch import load_file
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-2")
+    saved = load_file(os.path.join(best, "pyflex_adapter.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-4" / "pyflex_adapter.safetensors"))
+    now = _adapters(model)
+    assert all(torch.equal(now[n], saved[n]) for n in saved)
+    assert any(not torch.equal(now[n], last[n]) for n in last)
+
+
+class _Scalars:
+    """Every scalar TensorBoard recorded under ``root``: tag → [(step, value)]."""
+
+    def __init__(self, root):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        self.values = {}
+        for dirpath, _, files in os.walk(root):
+            if any(f.startswith("events.out.tfevents") for f in files):
+                acc = EventAccumulator(dirpath)
+                acc.Reload()
+                for tag in acc.Tags()["scalars"]:
+                    self.values[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.mark.parametrize("kind", ["ist", "lift"])
+def test_pyflex_metrics_reach_tensorboard(tmp_path, kind):
+    pytest.importorskip("tensorboard")
+    model = tiny_llama(num_layers=4)
+    pyflex.patch_model(model, r=4, alpha=8, tau=True)
+    schedule = (ImportanceSchedule(model, n_u=2, t_c=2, n_c=2) if kind == "ist" else LiftSchedule(model))
+    trainer = _train(tmp_path, model, 4, callbacks=[PyflexCallback(schedule)], report_to=["tensorboard"],
+                     save_strategy="no")
+    scalars = _Scalars(tmp_path).values
+    layers = range(4)
+    expected = {"train/pyflex/grad_norm", "train/pyflex/tau_sparsity", "train/pyflex/active_layers",
+                "train/pyflex/schedule_step"}
+    expected |= {f"train/pyflex/{group}/layer_{i}" for group in ("tau", "tau_sparsity", "active") for i in layers}
+    if kind == "ist":
+        expected |= {"train/pyflex/ist_rounds"} | {f"train/pyflex/importance/layer_{i}" for i in layers}
+    else:
+        expected |= {"train/pyflex/lift_block", "train/pyflex/lift_progress"}
+    assert expected <= set(scalars), sorted(expected - set(scalars))
+    history = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    assert sorted(history) == [1, 2, 3, 4]
+    for tag in expected:  # the values TensorBoard holds are the logged ones, at their steps
+        key = tag[len("train/"):]
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3, 4], tag
+        assert [v for _, v in scalars[tag]] == pytest.approx([history[s][key] for s in (1, 2, 3, 4)], rel=1e-6), tag
+    if kind == "lift":
+        assert [v for _, v in scalars["train/pyflex/lift_block"]] == [0.0, 1.0, 2.0, 3.0]  # one block per step
+        assert [v for _, v in scalars["train/pyflex/lift_progress"]] == [0.25, 0.5, 0.75, 1.0]
+    else:
+        assert [v for _, v in scalars["train/pyflex/ist_rounds"]] == [0.0, 0.0, 1.0, 1.0]  # a round before step 3
+        assert any(v != 0.0 for i in layers for _, v in scalars[f"train/pyflex/importance/layer_{i}"])
+        for step in (1, 2, 3, 4):
+            assert sum(history[step][f"pyflex/active/layer_{i}"] for i in layers) == 2.0
+
+
+def test_a_plain_trainer_keeps_the_metrics_in_its_log_history(tmp_path):
+    """Without pyflex.Trainer the reporters run before the callback (transformers orders them first); the metrics
+    still reach the log history."""
+    model = _lora_model(tau=True)
+    trainer = _train(tmp_path, model, 2, trainer_cls=Trainer, callbacks=[PyflexCallback()], save_strategy="no")
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all("pyflex/tau/layer_1" in h and "pyflex/grad_norm" in h for h in logged)
+    summary = trainer.state.log_history[-1]
+    assert "train_runtime" in summary and not any(k.startswith("pyflex/") for k in summary)
