@@ -66,8 +66,10 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.2", "transformers>=5.24", "safetensors>=0.4"],
     # fused: liger-kernel's RMSNorm / SwiGLU / fused linear cross-entropy for pyflex.fuse_model_ops (optional).
     # test: peft is the baseline the tests compare with; accelerate is needed by the HF Trainer; matplotlib draws
-    # the demo's and the profiler's charts.
+    # the demo's and the profiler's charts; trl for pyflex.SFTTrainer / DPOTrainer (tests/integrations/test_trl.py);
+    # tensorboard for the report_to test; bitsandbytes for the QLoRA (4-bit base) tests, which compare with PEFT's
+    # QLoRA on bitsandbytes models (README, "Dependencies and why"; pyflex itself never imports it).
     extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21", "accelerate", "matplotlib", "pybind11", "ninja",
-                             "liger-kernel>=0.8"],
+                             "liger-kernel>=0.8", "trl>=1.16", "tensorboard", "bitsandbytes>=0.50"],
                     "fused": ["liger-kernel>=0.8"]},
 )

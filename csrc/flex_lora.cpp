@@ -4,7 +4,8 @@
 // pyflex/reference.py (the spec). GEMMs go through ATen (MKL / oneDNN); the memory-bound per-token work
 // (row norms, the Gram ratio, the mask, gathers of active rows, the scatter of the delta into y, u·z dots)
 // runs in OpenMP loops over rows with accumulation in the compute dtype: float32, or float64 for float64
-// inputs. The up-projection B z_i and the dA / dB GEMMs run over active rows only.
+// inputs. The up-projection B z_i and the dA / dB GEMMs run over active rows only. `nf4_dequantize` expands a
+// 4-bit (NF4) base into the dense temporary that lora_forward / lora_backward then run on (OpenMP over scale blocks).
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
@@ -75,6 +76,11 @@ void check_vector(const Tensor& t, const char* name, int64_t n) {
 const Tensor& require(const OptTensor& t, const char* name, const char* why) {
   TORCH_CHECK_VALUE(t.has_value() && t->defined(), "pyflex._C: ", name, " is None but is needed ", why);
   return *t;
+}
+
+// absmax_scale has one fp32 factor per absmax_blocksize blocks (double quantization).
+bool absmax_absmax_ok(const Tensor& absmax_scale, int64_t n_blocks, int64_t absmax_blocksize) {
+  return absmax_blocksize > 0 && absmax_scale.numel() >= (n_blocks + absmax_blocksize - 1) / absmax_blocksize;
 }
 
 // Indices of the rows with mask[i] == true, in increasing order (what mask.nonzero() gives).
@@ -407,6 +413,96 @@ BackwardTuple lora_backward(const Tensor& gy_in, const OptTensor& x, const OptTe
   return std::make_tuple(dx, dweight, dbias, dA, dB, uz);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// NF4 dequantization (docs/op.md, "Quantized base"; the format is pyflex/lora/nf4.py's): a 4-bit base is expanded
+// into a dense temporary in the call's dtype, then the dense op above runs on it.
+//   scale[b]   = fp32(absmax_code[absmax[b]] * absmax_scale[b / absmax_blocksize]) + absmax_offset   (double quant)
+//   out.flat[i] = out_t(fp32(code[nibble(i)] * scale[i / blocksize]))                  (round to nearest even)
+// Bit-identical to NF4Weight.dequantize and bitsandbytes: every product is one fp32 multiply and the nested
+// scale's add a separate fp32 add (CMakeLists.txt builds with -ffp-contract=off, so no FMA merges them).
+// ---------------------------------------------------------------------------------------------------
+template <typename out_t>
+void nf4_dequantize_blocks(const uint8_t* packed, const float* code, const float* absmax_f, const uint8_t* absmax_q,
+                           const float* absmax_code, const float* absmax_scale, float absmax_offset, int64_t numel,
+                           int64_t blocksize, int64_t absmax_blocksize, out_t* out) {
+  const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
+  const int nt = num_threads_for(n_blocks, blocksize);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    float scale;
+    if (absmax_q != nullptr) {
+      const float product = absmax_code[absmax_q[b]] * absmax_scale[b / absmax_blocksize];
+      scale = product + absmax_offset;
+    } else {
+      scale = absmax_f[b];
+    }
+    // Within a block an element depends only on its 4-bit code: the 16 possible outputs are computed once (one
+    // fp32 product and one rounding each, as per element), then every byte is two table lookups.
+    out_t value[16];
+    for (int c = 0; c < 16; ++c) value[c] = static_cast<out_t>(code[c] * scale);
+    const int64_t first = b * blocksize;                                  // even: blocksize is even
+    const int64_t last = std::min(first + blocksize, numel);              // one past the block's last element
+    const int64_t pairs = (last - first) / 2;
+    const uint8_t* p = packed + first / 2;
+    out_t* o = out + first;
+    for (int64_t j = 0; j < pairs; ++j) {
+      const uint8_t byte = p[j];
+      o[2 * j] = value[byte >> 4];                                        // high nibble first
+      o[2 * j + 1] = value[byte & 15];
+    }
+    if ((last - first) % 2) o[2 * pairs] = value[p[pairs] >> 4];
+  }
+}
+
+Tensor nf4_dequantize(const Tensor& packed_in, const Tensor& code_in, const Tensor& absmax_in,
+                      const OptTensor& absmax_code_in, const OptTensor& absmax_scale_in,
+                      const OptTensor& absmax_offset_in, int64_t blocksize, int64_t absmax_blocksize, Tensor out) {
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.dim() == 2 && out.is_contiguous(),
+                    "pyflex._C.nf4_dequantize: out must be a contiguous 2-D CPU tensor (N, K), got ", out.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), "pyflex._C.nf4_dequantize: out.dtype=", out.scalar_type(),
+                   " is not a floating dtype");
+  const int64_t numel = out.numel();
+  TORCH_CHECK_VALUE(blocksize > 0 && blocksize % 2 == 0, "pyflex._C.nf4_dequantize: blocksize=", blocksize,
+                    " must be positive and even");
+  const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(packed_in.device().is_cpu() && packed_in.scalar_type() == at::kByte &&
+                        packed_in.numel() >= (numel + 1) / 2,
+                    "pyflex._C.nf4_dequantize: packed must be CPU uint8 with ", (numel + 1) / 2, " bytes");
+  TORCH_CHECK_VALUE(code_in.device().is_cpu() && code_in.scalar_type() == at::kFloat && code_in.numel() == 16,
+                    "pyflex._C.nf4_dequantize: code must be CPU fp32 (16,)");
+  const bool nested = absmax_code_in.has_value() && absmax_code_in->defined();
+  TORCH_CHECK_VALUE(absmax_in.device().is_cpu() && absmax_in.numel() >= n_blocks &&
+                        absmax_in.scalar_type() == (nested ? at::kByte : at::kFloat),
+                    "pyflex._C.nf4_dequantize: absmax must be CPU ", nested ? "uint8" : "fp32", " with ", n_blocks,
+                    " blocks");
+  Tensor absmax_code, absmax_scale;
+  float absmax_offset = 0.0f;
+  if (nested) {
+    absmax_code = absmax_code_in->contiguous();
+    absmax_scale = require(absmax_scale_in, "absmax_scale", "with double quantization").contiguous();
+    const Tensor& offset = require(absmax_offset_in, "absmax_offset", "with double quantization");
+    TORCH_CHECK_VALUE(absmax_code.scalar_type() == at::kFloat && absmax_code.numel() == 256 &&
+                          absmax_scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
+                          offset.numel() == 1 && absmax_absmax_ok(absmax_scale, n_blocks, absmax_blocksize),
+                      "pyflex._C.nf4_dequantize: double quantization needs fp32 absmax_code (256,), fp32 "
+                      "absmax_scale (ceil(n_blocks / absmax_blocksize),) and an fp32 absmax_offset");
+    absmax_offset = offset.item<float>();
+  }
+  if (numel == 0) return out;
+  const Tensor packed = packed_in.contiguous();
+  const Tensor absmax = absmax_in.contiguous();
+  const Tensor code = code_in.contiguous();
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "pyflex_nf4_dequantize", [&] {
+    nf4_dequantize_blocks<scalar_t>(p, code.data_ptr<float>(), nested ? nullptr : absmax.data_ptr<float>(),
+                                    nested ? absmax.data_ptr<uint8_t>() : nullptr,
+                                    nested ? absmax_code.data_ptr<float>() : nullptr,
+                                    nested ? absmax_scale.data_ptr<float>() : nullptr, absmax_offset, numel, blocksize,
+                                    absmax_blocksize, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -438,4 +534,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_uz"), py::arg("dropout_scale") = py::none(),
         "Backward given gy: returns (dx, dweight, dbias, dA, dB, uz), None where not computed. "
         "See pyflex.reference.lora_backward.");
+  m.def("nf4_dequantize", &nf4_dequantize, py::arg("packed"), py::arg("code"), py::arg("absmax"),
+        py::arg("absmax_code"), py::arg("absmax_scale"), py::arg("absmax_offset"), py::arg("blocksize"),
+        py::arg("absmax_blocksize"), py::arg("out"),
+        "Dequantize an NF4 weight into out (N, K), bit-identical to pyflex.lora.nf4.NF4Weight.dequantize; returns out.");
 }

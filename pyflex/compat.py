@@ -14,6 +14,7 @@ changes.
   ``attn_implementation`` is ``"eager"`` (its modeling file's ``eager_attention_forward``; GPT-2's
   ``reorder_and_upcast_attn`` path), in the attention-interface calling convention.
 * :func:`mark_constant_for_compile` — torch's ``assume_constant_result`` without importing its compiler.
+* :func:`peft_default_lora_targets` — peft's default LoRA target modules per model type (``target_modules=None``).
 """
 from __future__ import annotations
 
@@ -122,3 +123,16 @@ def mark_constant_for_compile(fn: Callable) -> Callable:
         return torch.compiler.assume_constant_result(fn)
     fn._dynamo_marked_constant = True
     return fn
+
+
+def peft_default_lora_targets(model_type: Optional[str]) -> Optional[list]:
+    """The module names PEFT's LoRA targets for ``model_type`` when a LoraConfig has ``target_modules=None`` (peft's
+    table of defaults per architecture), or None when peft has no entry. Imports peft: only called for a LoraConfig,
+    which the user built with peft."""
+    from peft import utils as peft_utils
+    table = getattr(peft_utils, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", None)
+    if table is None:
+        raise RuntimeError("this peft has no TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; pyflex cannot tell "
+                           "its default LoRA targets: name them in target_modules")
+    targets = table.get(model_type)
+    return None if targets is None else list(targets)

@@ -37,7 +37,7 @@ from torch import nn
 
 from pyflex.integrations.peft_config import lora_plan, peft_adapter_config, plan_mismatches
 from pyflex.layers.linear import FlexLinear
-from pyflex.model.config import PyflexConfig
+from pyflex.model.config import DTYPE_NAMES, PyflexConfig
 from pyflex.model.patch import _apply_plan, _unwrap, get_registry, is_patched, patch_model
 
 __all__ = ["save_adapter", "load_adapter", "save_peft_adapter", "load_peft_adapter",
@@ -52,7 +52,6 @@ PEFT_PREFIX = "base_model.model."
 # 3: rank_pattern / alpha_pattern and the given configs (lora_config, pyflex_config); older files have none.
 FORMAT_VERSION = 3
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # HLPTPlan fields that decide which adapters exist and what they compute (r and α are compared per module)
 _PLAN_FIELDS = ("type", "variant", "lora_layers", "prefix_layers", "prefix_len", "gated", "gate_input", "gate_pooling")
 # What an HLPT plan saved before these fields existed did (the official code's gate input, whole-sequence pooling).
@@ -266,7 +265,7 @@ def _restore_patch(model: nn.Module, config: dict, path: str) -> None:
                          "modules); patch the model the same way first, then call load_adapter")
     dtype_name = patch.get("adapter_dtype")
     kwargs = dict(rslora=patch["rslora"], dropout=patch["dropout"], tau=patch["tau"], tau0=patch["tau0"],
-                  bias=patch.get("bias", "none"), adapter_dtype=None if dtype_name is None else _DTYPES[dtype_name],
+                  bias=patch.get("bias", "none"), adapter_dtype=None if dtype_name is None else DTYPE_NAMES[dtype_name],
                   recompute_mlp=patch.get("recompute_mlp"), modules_to_save=patch.get("modules_to_save") or None)
     if patch["tau"]:
         kwargs["lam"] = patch["lam"]

@@ -94,22 +94,7 @@ class FlexLinear(nn.Module):
             raise ValueError(f"lam={lam!r} is not allowed; λ must be finite and >= 0")
         if not math.isfinite(float(tau0)):
             raise ValueError(f"tau0={tau0!r} is not allowed; it must be finite")
-        weight = getattr(base, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point or (
-                not is_conv1d(base) and tuple(weight.shape) != (base.out_features, base.in_features)):
-            # e.g. a quantized nn.Linear subclass whose weight is packed: the op needs the dense (out, in) matrix
-            raise TypeError(f"{type(base).__name__} does not hold a dense floating (out, in) weight "
-                            f"(got {None if weight is None else (tuple(weight.shape), weight.dtype)}); "
-                            "quantized or packed linears are not supported")
-        self.conv1d = is_conv1d(base)
-        # The base module object itself, unregistered: unpatch() hands it back unchanged.
-        object.__setattr__(self, "_base_module", base)
-        self.weight = base.weight
-        self.bias = base.bias
-        if self.conv1d:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
+        base_dtype, device = self._adopt_base(base)
         self.r = int(r)
         self.alpha = float(alpha)
         self.rslora = bool(rslora)
@@ -117,10 +102,9 @@ class FlexLinear(nn.Module):
         self.dropout = float(dropout)
         self.lam = float(lam)
         self.tau0 = float(tau0)
-        dtype = adapter_dtype or default_adapter_dtype(base.weight.dtype)
+        dtype = adapter_dtype or default_adapter_dtype(base_dtype)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"adapter_dtype={dtype} is not allowed; use a floating dtype")
-        device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, dtype=dtype, device=device))
         if tau:
@@ -145,7 +129,38 @@ class FlexLinear(nn.Module):
         self.tau_peers: list = []
         self.reset_adapter_parameters()
 
+    def _adopt_base(self, base: nn.Module):
+        """Take over ``base``'s weight and bias Parameters (and keep ``base`` itself, unregistered, for ``unpatch``);
+        returns (the dtype adapters default from, the device). pyflex/layers/quantized.py overrides this for 4-bit
+        bases."""
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter) or \
+                weight.dim() != 2 or not weight.dtype.is_floating_point or (
+                not is_conv1d(base) and tuple(weight.shape) != (base.out_features, base.in_features)):
+            # e.g. a quantized nn.Linear subclass whose weight is packed, or a quantized tensor subclass: the dense
+            # path needs the plain (out, in) matrix
+            raise TypeError(f"{type(base).__name__} does not hold a plain dense floating (out, in) weight "
+                            f"(got {None if weight is None else (type(weight).__name__, tuple(weight.shape), weight.dtype)}); "
+                            "FlexLinear wraps dense linears only. pyflex.patch_model converts bitsandbytes NF4 "
+                            "Linear4bit layers and torchao NF4 weights (pyflex/layers/quantized.py); other quantized "
+                            "or packed linears are not supported")
+        self.conv1d = is_conv1d(base)
+        # The base module object itself, unregistered: unpatch() hands it back unchanged.
+        object.__setattr__(self, "_base_module", base)
+        self.weight = base.weight
+        self.bias = base.bias
+        if self.conv1d:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        return weight.dtype, weight.device
+
     # ------------------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the op runs in outside autocast (a floating x is cast to it): the base weight's dtype."""
+        return self.weight.dtype
+
     @property
     def base_module(self) -> nn.Module:
         """The wrapped nn.Linear / Conv1D (shares ``weight`` and ``bias`` with this module)."""
@@ -193,6 +208,10 @@ class FlexLinear(nn.Module):
         """The base weight as (out, in) = (N, K) (a transposed view for Conv1D)."""
         return self.weight.t() if self.conv1d else self.weight
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer alone (merged, or the adapter switched off): x W0ᵀ + b."""
+        return F.linear(x, self.base_weight_nk(), self.bias)
+
     def delta_weight(self) -> torch.Tensor:
         """s·β·B A as (out, in), float32 (float64 for a float64 base)."""
         cdt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
@@ -202,16 +221,17 @@ class FlexLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.base_weight_nk(), self.bias
         if self.merged or not self.adapter_enabled:
-            return F.linear(x, weight, bias)
+            return self.base_forward(x)
         lora_A, lora_B = self.lora_A, self.lora_B
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.compute_dtype
         if x.dtype != dtype and (autocast or x.dtype.is_floating_point):
             x = x.to(dtype)
-        if autocast:
+        if autocast and isinstance(weight, torch.Tensor):  # a 4-bit base is dequantized by the op into x's dtype
             weight = weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        if bias is not None and bias.dtype != dtype:  # autocast, or a 4-bit base's bias kept in the model dtype
+            bias = bias.to(dtype)
         if lora_A.dtype != dtype:  # fp32 adapters on a low-precision base (see class docstring)
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         if self.tau is not None and self.tau.is_cuda and not torch.compiler.is_compiling() and \

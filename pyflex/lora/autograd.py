@@ -53,13 +53,13 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropou
         raise ValueError("lora_A has rank r=0; the LoRA rank must be >= 1")
     if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must be (N, r)=({N}, {r}), got shape {tuple(lora_B.shape)}")
-    tensors = [("lora_A", lora_A), ("lora_B", lora_B)]
     if quantized:
         if weight.device != x.device:
             raise ValueError(f"weight (an NF4Weight) is on {weight.device} but x is on {x.device}; all tensors must be "
                              "on one device")
+        tensors = [("lora_A", lora_A), ("lora_B", lora_B)]     # its own dtype may differ: it dequantizes into x's
     else:
-        tensors.insert(0, ("weight", weight))
+        tensors = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,):
             raise ValueError(f"bias must be a tensor of shape (N,)=({N},) or None, got "
@@ -219,6 +219,7 @@ def _setup_context(ctx, inputs, output):
     ctx.sink_meta = None if sink is None else (tuple(sink.shape), sink.dtype)
     quantized = nf4_meta is not None and flags.need_dx
     ctx.nf4_meta = list(nf4_meta) if quantized else None
+    ctx.nf4_len = 0 if nf4_state is None else len(nf4_state)  # the custom op's gradient mirrors its list input
     ctx.save_for_backward(x if flags.need_dweight or need_adapter else None,
                           weight if flags.need_dx else None, lora_A if flags.need_dx else None, lora_B,
                           z if need_adapter or flags.need_uz else None, cscale, mask,
@@ -233,7 +234,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, gy, _gz, _gmask):
     saved = ctx.saved_tensors
     x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, valid = saved[:_N_SAVED]
-    nf4_state = list(saved[_N_SAVED:]) if ctx.nf4_meta is not None else None
+    nf4_state = list(saved[_N_SAVED:])  # empty unless an NF4 base was saved for dx
+    if gy is None:  # y took no part in the loss (grads are not materialised): its gradient is zero
+        gy = lora_B.new_zeros((mask.shape[0], lora_B.shape[0]))
     run = _lora_backward_op if ctx.traced else _backward_impl
     dx, dweight, dbias, dA, dB, dcscale, dtau, count = run(gy, x, weight, lora_A, lora_B, z, cscale, mask,
                                                            dropout_scale, valid, ctx.lam, ctx.backend,
@@ -248,7 +251,8 @@ def _backward(ctx, gy, _gz, _gmask):
     if count is not None:
         shape, dtype = ctx.sink_meta
         count = count.to(dtype).reshape(shape)
-    return dx, dweight, dbias, dA, dB, dcscale, dtau, None, None, None, None, None, count, None, None, None
+    nf4_grads = [None] * ctx.nf4_len if ctx.traced else None
+    return dx, dweight, dbias, dA, dB, dcscale, dtau, None, None, None, None, None, count, None, nf4_grads, None
 
 
 def _requested(flags) -> List[bool]:

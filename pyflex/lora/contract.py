@@ -13,7 +13,13 @@ registered backend against it. What a backend cannot do is declared in its :clas
 a silent fallback inside it: dispatch (pyflex/lora/backends.py) refuses a forced backend whose capabilities do not
 cover a call, and ``auto`` picks the first registered backend for the device that covers it.
 
-This module imports only torch, so the kernels (pyflex.kernels) can implement the contract without the package.
+Base weights: ``weight`` is a dense (N, K) tensor, or — for a backend that declares the ``"nf4"`` weight format — an
+:class:`~pyflex.lora.nf4.NF4Weight` (QLoRA's 4-bit base; docs/op.md, "Quantized base"), which the backend dequantizes
+into the input dtype (forward, and again in backward for dx; never kept between calls). A quantized base is frozen:
+``need_dweight`` is never set for it.
+
+This module imports only torch (and pyflex/lora/nf4.py, which imports only torch), so the kernels (pyflex.kernels)
+can implement the contract without the package.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
+
+from pyflex.lora.nf4 import NF4Weight
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -40,7 +48,7 @@ class Capabilities:
     tau: bool = True                              # the τ mask and its gradient
     coef: bool = True                             # a per-token coefficient c_i (HLPT gates) inside cscale
     tau_on_device: bool = False                   # reads τ as a 1-element device tensor (no host sync)
-    weight_formats: Tuple[str, ...] = ("dense",)  # base weight storage; quantized formats (e.g. "nf4") go here
+    weight_formats: Tuple[str, ...] = ("dense",)  # base weight storage: "dense", "nf4" (an NF4Weight, see above)
     adapter_kinds: Tuple[str, ...] = ("lora",)    # the delta's form: "lora" is s·c_i·B A x̃_i
 
     def unmet(self, call: "CallNeeds") -> list:
@@ -69,17 +77,23 @@ class CallNeeds:
     dropout: bool = False
     tau: bool = False
     coef: bool = False
-    weight_format: str = "dense"
+    weight_format: str = "dense"                  # "dense", or "nf4" when the weight is an NF4Weight
     adapter_kind: str = "lora"
+
+
+def weight_format(weight) -> str:
+    """The :class:`CallNeeds` weight format of a base weight: "nf4" for an NF4Weight, else "dense"."""
+    return "nf4" if isinstance(weight, NF4Weight) else "dense"
 
 
 @dataclass
 class ForwardInputs:
-    """x (M, K); weight (N, K), bias (N,) or None; lora_A (r, K), lora_B (N, r): one dtype, one device.
+    """x (M, K); weight (N, K) — a dense tensor, or an NF4Weight for the "nf4" format —, bias (N,) or None;
+    lora_A (r, K), lora_B (N, r): one dtype (an NF4Weight's own ``dtype`` may differ), one device.
     x_lora (M, K) is dropout(x) (x itself without dropout); cscale (M,) in the compute dtype is s·β·c_i per token;
     tau is None (mask off), a python float, or — for backends with ``tau_on_device`` — a 1-element device tensor."""
     x: torch.Tensor
-    weight: torch.Tensor
+    weight: Union[torch.Tensor, NF4Weight]
     bias: Optional[torch.Tensor]
     lora_A: torch.Tensor
     lora_B: torch.Tensor
@@ -100,10 +114,11 @@ class ForwardResult:
 class BackwardInputs:
     """gy = ∂L/∂y (M, N). Tensors the requested gradients do not need may be None: x unless need_dweight or
     need_adapter; weight and lora_A unless need_dx; z unless need_adapter or need_uz. x_lora is dropout(x) (x without
-    dropout); dropout_scale (M, K) is the dropout mask divided by (1 − p), or None without dropout."""
+    dropout); dropout_scale (M, K) is the dropout mask divided by (1 − p), or None without dropout. weight may be an
+    NF4Weight (the "nf4" format), dequantized into gy's dtype for dx."""
     gy: torch.Tensor
     x: Optional[torch.Tensor]
-    weight: Optional[torch.Tensor]
+    weight: Union[None, torch.Tensor, NF4Weight]
     lora_A: Optional[torch.Tensor]
     lora_B: torch.Tensor
     x_lora: Optional[torch.Tensor]
@@ -130,10 +145,12 @@ class BackwardResult:
 
 @dataclass(frozen=True)
 class Implementation:
-    """The three functions of a loaded backend."""
+    """The three functions of a loaded backend, and its NF4 dequantizer (``dequantize(NF4Weight, dtype) -> (N, K)
+    dense tensor``, bit-identical to ``NF4Weight.dequantize``) when it declares the "nf4" format."""
     forward: Callable[[ForwardInputs], ForwardResult]
     backward: Callable[[BackwardInputs], BackwardResult]
     tau_gradient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    dequantize: Optional[Callable[[NF4Weight, torch.dtype], torch.Tensor]] = None
 
 
 class BackendUnavailable(RuntimeError):

@@ -199,14 +199,15 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
             if not hasattr(down, "gate"):
                 raise RuntimeError(f"layer {i} {spec.ffn_down} was not patched into a FlexLinear")
             w = down.weight
+            base_dtype = down.compute_dtype   # not w.dtype: a 4-bit base stores uint8 codes
             if gate_input == "ffn_input":
                 hidden, _, _ = _attention_dims(model, _get(block, attn_path))
-                gate = PooledGate(hidden, context, pooling=gate_pooling, dtype=default_adapter_dtype(w.dtype),
+                gate = PooledGate(hidden, context, pooling=gate_pooling, dtype=default_adapter_dtype(base_dtype),
                                   device=w.device)
                 gate.observe_input_of(_get(block, ffn_path), f"{registry[i].name}.{ffn_path}".lstrip("."))
             else:
                 gate = PooledGate(down.in_features, context, pooling=gate_pooling,
-                                  dtype=default_adapter_dtype(w.dtype), device=w.device)
+                                  dtype=default_adapter_dtype(base_dtype), device=w.device)
             down.gate = gate
             for p in gate.parameters():
                 p.requires_grad_(True)
@@ -218,7 +219,7 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
             handle = registry[i]
             attention = _get(handle.block, attn_path)
             hidden, kv_heads, head_dim = _attention_dims(model, attention)
-            ref = next(attention.parameters())
+            ref = next(p for p in attention.parameters() if p.is_floating_point())
             prefix = GatedPrefix(hidden, kv_heads, head_dim, prefix_len, context=context, gated=gated,
                                  pooling=gate_pooling, init_std=prefix_init_std,
                                  dtype=default_adapter_dtype(ref.dtype), device=ref.device)

@@ -2,7 +2,7 @@
 
 The interpreter (how the tests run kernels on CPU) is lenient where the compiler is not (types, constexpr use,
 layouts), so a kernel can pass every interpreter test and still fail to compile on the GPU. This script drives the
-real launchers (``pyflex.kernels.flex_lora``, ``pyflex.kernels.gated_act``) with CPU tensors, in the configurations
+real launchers (``pyflex.kernels.flex_lora``, ``pyflex.kernels.gated_act``, ``pyflex.kernels.nf4``) with CPU tensors, in the configurations
 they use on a GPU (GPU_CONFIG, not the interpreter's), but replaces Triton's launch by an ahead-of-time
 ``triton.compile`` of the same kernel, signature and constexprs for each target: nothing runs, everything compiles
 down to a cubin with the ptxas that ships with Triton.
@@ -28,8 +28,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
-           torch.bool: "i1", torch.int32: "i32", torch.int64: "i64"}
-_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+           torch.uint8: "u8", torch.bool: "i1", torch.int32: "i32", torch.int64: "i64"}
+# compile options a launch may pass; enable_fp_fusion=False keeps the NF4 dequantizer's multiply and add apart (no FMA)
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
 # shared memory a block may use (opt-in maximum): H100 227 KiB, A100 163 KiB, RTX 30/40 99 KiB
 SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
 TARGETS = [90]
@@ -85,6 +86,8 @@ def drive_launchers():
     """Call every launcher path once per configuration a GPU run takes (dtypes, τ, bias, decode, ranks, flags)."""
     from pyflex.kernels import flex_lora as fk
     from pyflex.kernels import gated_act as ga
+    from pyflex.kernels import nf4
+    from pyflex.lora.nf4 import NF4_CODE, NF4Weight
 
     assert not fk.INTERPRET
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -108,6 +111,14 @@ def drive_launchers():
             g, u = torch.randn(6, 40, dtype=dtype), torch.randn(6, 40, dtype=dtype)
             ga.gated_mul(g, u, act)
             ga.gated_mul_backward(u, g, u, act)
+        for nested in (False, True):       # the NF4 (QLoRA) base's dequantization pass, into each dtype
+            n, k, blocks = 96, 128, 96 * 128 // 64
+            extra = dict(absmax=torch.randint(0, 256, (blocks,), dtype=torch.uint8), absmax_code=torch.randn(256),
+                         absmax_scale=torch.rand(1), absmax_offset=torch.tensor(0.1)) if nested else \
+                dict(absmax=torch.rand(blocks))
+            w = NF4Weight(packed=torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8), code=NF4_CODE, shape=(n, k),
+                          dtype=dtype, **extra)
+            nf4.nf4_dequantize(**w.kernel_args(), dtype=dtype)
 
 
 def main(argv=None):
