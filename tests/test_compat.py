@@ -97,6 +97,86 @@ def test_generate_matches_merged_model():
     assert not torch.equal(out, base)  # the adapter changes what is generated
 
 
+# -------------------------------------------------------------------------------------------------------------------
+# DDP: 2 gloo processes on CPU, each with half of the global batch, must end with the single-process adapter weights.
+# -------------------------------------------------------------------------------------------------------------------
+_STEPS = 3
+
+
+def _train(model, batches, lr=0.2):
+    # the trainable parameters as the wrapper holds them (FSDP2 swaps in sharded DTensor parameters)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    for ids in batches:
+        opt.zero_grad()
+        lm_loss(model, ids)[1].backward()
+        opt.step()
+
+
+def _fresh():
+    model = pyflex.patch_model(tiny_model("llama", layers=2), r=4)
+    randomize_flex(model)
+    return model.train()
+
+
+def _global_batches():
+    return [tokens(batch=4, seq=6, seed=10 + s) for s in range(_STEPS)]
+
+
+def _distributed_worker(rank, world, port, out_path, wrapper):
+    """Train on this rank's slice of each global batch under DDP or FSDP2 and save the (full) adapter weights."""
+    import torch.distributed as dist
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with pyflex.use_backend("reference"):
+            model = _fresh()
+            if wrapper == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
+                wrapped = DistributedDataParallel(model)
+            elif wrapper == "fsdp1":  # FullyShardedDataParallel, one unit per decoder layer; frozen base weights
+                # share flat parameters with trainable adapters, which needs use_orig_params=True
+                from torch.distributed.fsdp import FullyShardedDataParallel
+                from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+                wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({type(model.model.layers[0])}),
+                                                   use_orig_params=True, device_id=torch.device("cpu"))
+            else:  # FSDP2: each decoder layer, then the root, sharded over the ranks
+                from torch.distributed.fsdp import fully_shard
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                wrapped = fully_shard(model)
+            per = 4 // world
+            _train(wrapped, [ids[rank * per:(rank + 1) * per] for ids in _global_batches()])
+            if wrapper == "fsdp1":
+                from torch.distributed.fsdp import FullyShardedDataParallel
+                with FullyShardedDataParallel.summon_full_params(wrapped):
+                    weights = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                               for n, p in wrapped.named_parameters() if "lora_" in n}
+            else:
+                weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                           for n, p in model.named_parameters() if "lora_" in n}
+        if rank == 0:
+            torch.save(weights, out_path)
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # Leave without running destructors: tearing down gloo's process group (via the DDP reducer) in a spawned child
+    # can deadlock inside torch, its worker thread waiting for the GIL that the joining main thread holds (seen
+    # once in four runs here). The results are already on disk.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp1", "fsdp2"])
 def test_distributed_matches_single_process(tmp_path, wrapper):
