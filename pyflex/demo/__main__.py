@@ -17,26 +17,29 @@ What it does, with nothing downloaded:
    peft_lora     Hugging Face PEFT LoRA with the same settings (the baseline; skipped only if peft is missing)
    ============  ==========================================================================================
 
+   ``--methods`` also takes the other training methods of the table the profiler uses (pyflex/demo/methods.py:
+   pyflex_lora_norecompute, lift_e2f, peft_bf16, ...).
 3. prints a table (final train/eval loss, eval token accuracy, wall time, peak memory, τ sparsity, trainable
-   parameters) and writes ``results.json`` and ``loss_curves.png`` to ``--out`` (default ``runs/demo``).
+   parameters) and writes to ``--out`` (default ``runs/demo``): ``results.json``, ``loss_curves.png``,
+   ``layer_schedules.png`` (IST's importance per layer over the steps; the layers IST and LIFT train at each step)
+   and ``tau_sparsity.png`` (τ-mask sparsity per layer over the steps).
 
 Every method sees the same pre-trained weights, the same batches in the same order and the same seed. Loss is taken
 on the answer tokens only. Runs on the GPU when there is one (``--device``). ``--quick`` is a ~20 s smoke version.
-A method that fails is reported as FAILED in the table and makes the command exit with status 1.
+On a terminal, progress bars show the run and the current method (off when output is redirected or transformers'
+progress bars are disabled). A method that fails is reported as FAILED in the table and makes the command exit
+with status 1.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -46,12 +49,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from pyflex.memory import CudaPeakMemory, step_peak_bytes  # noqa: E402
-from pyflex.model.optim import clip_grad_norm_  # noqa: E402
+from pyflex.demo import harness, plots  # noqa: E402
+from pyflex.demo.harness import Column, PhaseTimer, fmt  # noqa: E402
+from pyflex.demo.methods import ALIASES, DEMO_METHODS, METHODS, MethodOptions, MethodSetup, parse_methods  # noqa: E402
 
-__all__ = ["DemoConfig", "METHODS", "main", "run_demo"]
-
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+__all__ = ["DemoConfig", "METHODS", "DEMO_METHODS", "main", "run_demo", "train", "make_batches", "build_model"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,6 +96,11 @@ class DemoConfig:
     def quick(cls) -> "DemoConfig":
         return cls(batch_size=16, pretrain_steps=60, adapt_steps=30, eval_every=10, eval_samples=64, warmup_steps=5)
 
+    def method_options(self) -> MethodOptions:
+        """What the method table's builds read (pyflex/demo/methods.py)."""
+        return MethodOptions(r=self.r, alpha=self.alpha, lr=self.lr, seed=self.seed, total_steps=self.adapt_steps,
+                             tau0=0.0, lam=self.lam, tau_alpha=self.tau_alpha)
+
 
 # --------------------------------------------------------------------------------------------------
 # data: synthetic token tasks
@@ -128,160 +135,15 @@ def make_batches(cfg: DemoConfig, task: str, n_batches: int, batch_size: int, se
 
 
 def build_model(cfg: DemoConfig, device) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=cfg.digits + 2, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                         num_key_value_heads=cfg.kv_heads, max_position_embeddings=128,
-                         bos_token_id=cfg.digits + 1, eos_token_id=None, pad_token_id=None,
-                         tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(config).to(device)
-
-
-# --------------------------------------------------------------------------------------------------
-# memory
-# --------------------------------------------------------------------------------------------------
-CPU_MEMORY_KIND = "tensor bytes: weights, grads, optimizer state + one forward/backward's peak (pyflex.memory)"
-
-
-def memory_kind(device: torch.device) -> str:
-    return CudaPeakMemory.kind if torch.device(device).type == "cuda" else CPU_MEMORY_KIND
-
-
-# --------------------------------------------------------------------------------------------------
-# methods: each takes a fresh copy of the pre-trained model and returns what the training loop needs
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class MethodSetup:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: Optional[object] = None        # has .step(batch) (IST, LIFT)
-    sparsity: Optional[Callable[[], Optional[float]]] = None  # τ-mask sparsity of the last forward
-    notes: str = ""
-
-
-def _adamw(params, cfg: DemoConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-
-
-def _tau_sparsity(model) -> Optional[float]:
-    """Mean PEFT_S sparsity (eq. 23) over the τ-masked layers, for their last forward."""
-    from pyflex.model.patch import get_registry
-
-    values = [v for v in get_registry(model).tau_sparsity().values() if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def method_pyflex_lora(model, cfg: DemoConfig) -> MethodSetup:
-    import pyflex
-
-    pyflex.patch_model(model, r=cfg.r, alpha=cfg.alpha, target_modules=TARGET_MODULES)
-    return MethodSetup(model, _adamw([p for p in model.parameters() if p.requires_grad], cfg))
-
-
-def method_pyflex_tau(model, cfg: DemoConfig) -> MethodSetup:
-    import pyflex
-
-    pyflex.patch_model(model, r=cfg.r, alpha=cfg.alpha, target_modules=TARGET_MODULES, tau=True, lam=cfg.lam,
-                       tau0=0.0)
-    groups = pyflex.tau_param_groups(model, lr=cfg.lr, weight_decay=0.0, tau_alpha=cfg.tau_alpha)
-    return MethodSetup(model, torch.optim.AdamW(groups), sparsity=lambda: _tau_sparsity(model),
-                       notes=f"τ lr {groups[-1]['lr']:.0e}, λ {cfg.lam:g}")
-
-
-def method_ist(model, cfg: DemoConfig) -> MethodSetup:
-    import pyflex
-    from pyflex.methods.ist import ImportanceSchedule
-
-    pyflex.patch_model(model, r=cfg.r, alpha=cfg.alpha, target_modules=TARGET_MODULES)
-    schedule = ImportanceSchedule(model, seed=cfg.seed)  # paper mode: N_u = 25%, T_c = 10, N_c = 3, β = 0.25
-    optimizer = _adamw(schedule.trainable_parameters(), cfg)
-    schedule.attach_optimizer(optimizer)
-    return MethodSetup(model, optimizer, schedule, notes=f"{schedule.n_u}/{len(schedule.layers)} layers per step")
-
-
-def method_lift(model, cfg: DemoConfig) -> MethodSetup:
-    import pyflex
-    from pyflex.methods.lift import LiftSchedule
-
-    pyflex.patch_model(model, r=cfg.r, alpha=cfg.alpha, target_modules=TARGET_MODULES)
-    schedule = LiftSchedule(model, total_steps=cfg.adapt_steps, order="front2end", policy="grouped",
-                            target="lora", seed=cfg.seed)
-    optimizer = _adamw(schedule.trainable_parameters(), cfg)
-    schedule.attach_optimizer(optimizer)
-    return MethodSetup(model, optimizer, schedule, notes="1 block at a time, front2end")
-
-
-def _hlpt(model, cfg: DemoConfig, variant: str) -> MethodSetup:
-    from pyflex.methods.hlpt import apply_hlpt
-
-    apply_hlpt(model, variant=variant, r=cfg.r, alpha=cfg.alpha)
-    plan = model.pyflex_plan
-    return MethodSetup(model, _adamw([p for p in model.parameters() if p.requires_grad], cfg),
-                       notes=f"LoRA {_span(plan.lora_layers)}, prefix {_span(plan.prefix_layers)}")
-
-
-def method_hlpt(model, cfg: DemoConfig) -> MethodSetup:
-    return _hlpt(model, cfg, "hlpt")
-
-
-def method_h2lpt(model, cfg: DemoConfig) -> MethodSetup:
-    return _hlpt(model, cfg, "h2lpt")
-
-
-def method_peft_lora(model, cfg: DemoConfig) -> MethodSetup:
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
-
-    # transformers 5 warns from inside PEFT (is_gradient_checkpointing is deprecated); not the user's concern here
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-    model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                             target_modules=TARGET_MODULES))
-    # PEFT's init is the same as pyflex's (A ~ kaiming_uniform(a=√5), B = 0), but PEFT draws A twice per module, so
-    # the same seed gives other numbers. Redraw A in module order from the seed, as patch_model does: both runs then
-    # start from identical adapters and their rows differ only by floating-point rounding.
-    torch.manual_seed(cfg.seed)
-    with torch.no_grad():
-        for module in model.modules():
-            lora_A = getattr(module, "lora_A", None)
-            if isinstance(lora_A, torch.nn.ModuleDict) and "default" in lora_A:
-                torch.nn.init.kaiming_uniform_(lora_A["default"].weight, a=math.sqrt(5))
-    return MethodSetup(model, _adamw([p for p in model.parameters() if p.requires_grad], cfg),
-                       notes="HF PEFT, lora_A drawn as pyflex_lora's")
-
-
-def _span(indices) -> str:
-    indices = list(indices)
-    if not indices:
-        return "none"
-    return f"L{indices[0]}" if len(indices) == 1 else f"L{indices[0]}-{indices[-1]}"
-
-
-METHODS: Dict[str, Callable[[torch.nn.Module, DemoConfig], MethodSetup]] = {
-    "pyflex_lora": method_pyflex_lora,
-    "pyflex_tau": method_pyflex_tau,
-    "ist": method_ist,
-    "lift": method_lift,
-    "hlpt": method_hlpt,
-    "h2lpt": method_h2lpt,
-    "peft_lora": method_peft_lora,
-}
-# Methods that are skipped, with a note, when their optional dependency is missing. Every other method must run.
-OPTIONAL = {"peft_lora": "peft"}
+    shape = harness.ModelShape(vocab=cfg.digits + 2, hidden=cfg.hidden, intermediate=cfg.intermediate,
+                               layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads, max_positions=128)
+    return harness.build_llama(shape, device, seed=cfg.seed, bos_token_id=cfg.digits + 1, eos_token_id=None,
+                               pad_token_id=None)
 
 
 # --------------------------------------------------------------------------------------------------
 # training and evaluation
 # --------------------------------------------------------------------------------------------------
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def evaluate(model, batches: List[dict]) -> Dict[str, float]:
     """Mean loss and token accuracy over the answer tokens of ``batches``."""
@@ -299,58 +161,48 @@ def evaluate(model, batches: List[dict]) -> Dict[str, float]:
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
 
 
-def _count(params) -> int:
-    return sum(p.numel() for p in params)
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def train(setup: MethodSetup, train_batches: List[dict], eval_batches: List[dict], cfg: DemoConfig, device,
-          steps: int, log: Callable[[str], None], label: str) -> dict:
-    """The user's plain training loop; a schedule only adds ``schedule.step(batch)`` before the forward."""
-    model, optimizer, schedule = setup.model, setup.optimizer, setup.schedule
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+          steps: int, log: Callable[[str], None], label: str, task=None) -> dict:
+    """The user's plain training loop (``harness.train_step``: a schedule only adds ``schedule.step(batch)`` before
+    the forward), with a warm-up/decay learning rate, evaluation every ``cfg.eval_every`` steps and, after each
+    step, what the pictures show (``setup.observe()``). ``task``: a progress bar (``harness.Progress.task``)."""
+    model, optimizer = setup.model, setup.optimizer
     warmup = max(1, cfg.warmup_steps)
     # linear warm-up, then linear decay to 10% (every param group, τ's included, so the mask settles at the end)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1.0 - 0.9 * s / max(1, steps)))
     model.train()
-    curve, evals, sparsities, active_params, step_ms = [], [], [], [], []
-    first = evaluate(model, eval_batches)
-    evals.append({"step": 0, **first})
-    train_seconds = 0.0
+    curve, evals, seen, phases = [], [], [], []
+    evals.append({"step": 0, **evaluate(model, eval_batches)})
     for step in range(steps):
         batch = train_batches[step % len(train_batches)]
-        _sync(device)
-        t0 = time.perf_counter()
-        if schedule is not None:
-            schedule.step(batch)
-        loss = model(**batch).loss
-        loss.backward()
-        if cfg.grad_clip:
-            # every trainable parameter but τ, whose token-summed gradient would dominate the norm
-            clip_grad_norm_(model, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        timer = PhaseTimer(device)
+        # every trainable parameter but τ is clipped: τ's token-summed gradient would dominate the norm
+        loss = harness.train_step(setup, batch, timer, clip=cfg.grad_clip)
         lr_schedule.step()
-        _sync(device)
-        step_ms.append(1000.0 * (time.perf_counter() - t0))
-        train_seconds += step_ms[-1] / 1000.0
+        phases.append(timer.phases_ms())
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"{label}: training loss became {value} at step {step}")
         curve.append(value)
-        active_params.append(_count(p for p in params if p.requires_grad))
-        if setup.sparsity is not None:
-            s = setup.sparsity()
-            if s is not None:
-                sparsities.append(s)
+        seen.append(setup.observe())
+        if task is not None:
+            task.update(loss=value)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             ev = evaluate(model, eval_batches)
             evals.append({"step": step + 1, **ev})
-            extra = f"  τ-sparsity {sparsities[-1]:.1%}" if sparsities else ""
+            sparsity = _mean(seen[-1].get("tau_sparsity", {}).values())
+            extra = f"  τ-sparsity {sparsity:.1%}" if sparsity is not None else ""
             log(f"  {label:<12} step {step + 1:>4}/{steps}  train {value:.4f}  eval {ev['loss']:.4f}  "
                 f"acc {ev['accuracy']:.1%}{extra}")
     tail = curve[-min(10, len(curve)):]
-    return {
+    sparsities = [s for s in (_mean(o.get("tau_sparsity", {}).values()) for o in seen) if s is not None]
+    record = {
         "train_loss_curve": curve,
         "eval_curve": evals,
         "train_loss_start": curve[0],
@@ -358,156 +210,126 @@ def train(setup: MethodSetup, train_batches: List[dict], eval_batches: List[dict
         "eval_loss_start": evals[0]["loss"],
         "eval_loss_final": evals[-1]["loss"],
         "eval_accuracy_final": evals[-1]["accuracy"],
-        "train_seconds": train_seconds,
+        "train_seconds": sum(p["step"] for p in phases) / 1000.0,
         # the median is robust to one-time costs (lazy imports, kernel compilation) that the first method pays
-        "ms_per_step": statistics.median(step_ms) if step_ms else 0.0,
+        "ms_per_step": statistics.median(p["step"] for p in phases) if phases else 0.0,
+        "phase_ms_median": {k: statistics.median(p[k] for p in phases) for k in harness.PHASES} if phases else {},
         "tau_sparsity_curve": sparsities,
         "tau_sparsity_final": (sum(sparsities[-10:]) / len(sparsities[-10:])) if sparsities else None,
-        "trainable_params_mean_per_step": sum(active_params) / max(len(active_params), 1),
+        "trainable_params_mean_per_step": sum(o["active_params"] for o in seen) / max(len(seen), 1),
     }
+    if seen and "tau_sparsity" in seen[0]:
+        layers = sorted(seen[0]["tau_sparsity"])
+        record["tau_sparsity_per_layer_curve"] = {"layers": layers,
+                                                  "values": [[o["tau_sparsity"][i] for i in layers] for o in seen]}
+    if seen and "active_layers" in seen[0]:
+        record["active_layers_per_step"] = [o["active_layers"] for o in seen]
+    if seen and "importance" in seen[0]:
+        record["ist_importance_per_step"] = [o["importance"] for o in seen]
+    return record
 
 
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} was asked for, but torch.cuda.is_available() is False")
-    return device
-
-
-def _environment(device: torch.device) -> dict:
-    import transformers
-
-    from pyflex.lora.backends import current_backend_name, resolve_backend
-
-    try:
-        backend = resolve_backend(device)[0]
-    except Exception as exc:  # noqa: BLE001 - report, do not fail the header
-        backend = f"unavailable ({exc})"
-    env = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-           "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "pyflex_backend": f"{current_backend_name()} -> {backend}"}
-    try:
-        import peft
-        env["peft"] = peft.__version__
-    except ImportError:
-        env["peft"] = None
-    return env
-
-
 def run_demo(cfg: DemoConfig, methods: List[str], out_dir: str, log: Callable[[str], None] = print) -> dict:
-    """Pre-train, adapt with every method, write results.json and loss_curves.png. Returns the results dict."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"methods {unknown} are not known; allowed: {', '.join(METHODS)}")
-    device = resolve_device(cfg.device)
+    """Pre-train, adapt with every method, write results.json and the pictures. Returns the results dict."""
+    parse_methods(",".join(methods), arg="methods", training_only=True)  # raises for an unknown name
+    device = harness.resolve_device(cfg.device)
     torch.use_deterministic_algorithms(True, warn_only=True)
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
-    env = _environment(device)
-    log(f"pyflex demo on {device} ({env['device_name']}, {env['cpu_threads']} CPU threads), torch {env['torch']}, "
+    env = harness.environment(device)
+    progress = harness.Progress(cfg.pretrain_steps + cfg.adapt_steps * len(methods), "pyflex demo")
+    say = progress.write if log is print else log   # with bars on, lines are printed above them
+    say(f"pyflex demo on {device} ({env['device_name']}, {env['cpu_threads']} CPU threads), torch {env['torch']}, "
         f"transformers {env['transformers']}, peft {env['peft']}, pyflex backend {env['pyflex_backend']}")
+    try:
+        # 1. pre-train on the first task (full fine-tune)
+        model = build_model(cfg, device)
+        n_params = sum(p.numel() for p in model.parameters())
+        say(f"model: LLaMA-style, {cfg.layers} layers, hidden {cfg.hidden}, {n_params / 1e3:.0f}k parameters; "
+            f"tasks: {cfg.pretrain_task} -> {cfg.adapt_task} on {cfg.seq_len} digits")
+        pre_batches = make_batches(cfg, cfg.pretrain_task, cfg.pretrain_steps, cfg.batch_size, cfg.seed + 1, device)
+        pre_eval = make_batches(cfg, cfg.pretrain_task, max(1, cfg.eval_samples // 64), min(64, cfg.eval_samples),
+                                cfg.seed + 2, device)
+        setup = MethodSetup(model, torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0))
+        say(f"[1/2] pre-training on '{cfg.pretrain_task}' (full fine-tune, {cfg.pretrain_steps} steps)")
+        task = progress.task("pretrain", cfg.pretrain_steps)
+        pretrain = train(setup, pre_batches, pre_eval, dataclasses.replace(cfg, lr=cfg.pretrain_lr), device,
+                         cfg.pretrain_steps, say, "pretrain", task)
+        task.close()
+        pretrained_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        del model, setup
 
-    # 1. pre-train on the first task (full fine-tune)
-    model = build_model(cfg, device)
-    n_params = _count(model.parameters())
-    log(f"model: LLaMA-style, {cfg.layers} layers, hidden {cfg.hidden}, {n_params / 1e3:.0f}k parameters; "
-        f"tasks: {cfg.pretrain_task} -> {cfg.adapt_task} on {cfg.seq_len} digits")
-    pre_batches = make_batches(cfg, cfg.pretrain_task, cfg.pretrain_steps, cfg.batch_size, cfg.seed + 1, device)
-    pre_eval = make_batches(cfg, cfg.pretrain_task, max(1, cfg.eval_samples // 64), min(64, cfg.eval_samples),
-                            cfg.seed + 2, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    setup = MethodSetup(model, optimizer)
-    pre_cfg = dataclasses.replace(cfg, lr=cfg.pretrain_lr)
-    log(f"[1/2] pre-training on '{cfg.pretrain_task}' (full fine-tune, {cfg.pretrain_steps} steps)")
-    pretrain = train(setup, pre_batches, pre_eval, pre_cfg, device, cfg.pretrain_steps, log, "pretrain")
-    pretrained_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    del model, optimizer, setup
+        # 2. adapt to the second task with each method, from the same weights and on the same batches
+        train_batches = make_batches(cfg, cfg.adapt_task, cfg.adapt_steps, cfg.batch_size, cfg.seed + 3, device)
+        eval_batches = make_batches(cfg, cfg.adapt_task, max(1, cfg.eval_samples // 64), min(64, cfg.eval_samples),
+                                    cfg.seed + 4, device)
+        say(f"[2/2] adapting to '{cfg.adapt_task}' with {len(methods)} methods, {cfg.adapt_steps} steps each "
+            f"(lr {cfg.lr:g}, batch {cfg.batch_size})")
 
-    # 2. adapt to the second task with each method, from the same weights and on the same batches
-    train_batches = make_batches(cfg, cfg.adapt_task, cfg.adapt_steps, cfg.batch_size, cfg.seed + 3, device)
-    eval_batches = make_batches(cfg, cfg.adapt_task, max(1, cfg.eval_samples // 64), min(64, cfg.eval_samples),
-                                cfg.seed + 4, device)
-    log(f"[2/2] adapting to '{cfg.adapt_task}' with {len(methods)} methods, {cfg.adapt_steps} steps each "
-        f"(lr {cfg.lr:g}, batch {cfg.batch_size})")
-    results: Dict[str, dict] = {}
-    for name in methods:
-        results[name] = _run_method(name, cfg, device, pretrained_state, train_batches, eval_batches, log)
+        def pretrained_model():
+            model = build_model(cfg, device)
+            model.load_state_dict(pretrained_state)
+            return model
+
+        results: Dict[str, dict] = {}
+        for name in methods:
+            task = progress.task(name, cfg.adapt_steps)
+            record = harness.run_method(
+                name, cfg.method_options(), device, pretrained_model,
+                lambda setup: train(setup, train_batches, eval_batches, cfg, device, cfg.adapt_steps, say, name,
+                                    task),
+                measure_batch=train_batches[0])
+            task.close()
+            if record["status"] == "ok":
+                record["peak_memory_mib"] = record["peak_bytes"] / 2**20
+            else:
+                say(f"  {name:<12} {record['status'].upper()}: {record['error']}")
+            results[name] = record
+    finally:
+        progress.close()
 
     payload = {"config": asdict(cfg), "environment": env, "methods": methods,
-               "memory_kind": memory_kind(device), "pretrain": pretrain, "results": results,
+               "memory_kind": harness.memory_kind(device), "pretrain": pretrain, "results": results,
                "total_seconds": time.perf_counter() - started}
     json_path = os.path.join(out_dir, "results.json")
-    png_path = os.path.join(out_dir, "loss_curves.png")
-    payload["plot"] = _plot(payload, png_path)
+    pictures = {"loss_curves": plots.loss_curves(payload, os.path.join(out_dir, "loss_curves.png")),
+                "layer_schedules": plots.layer_schedules(payload, os.path.join(out_dir, "layer_schedules.png")),
+                "tau_sparsity": plots.tau_sparsity(payload, os.path.join(out_dir, "tau_sparsity.png"))}
+    payload["plot"] = pictures["loss_curves"]
+    payload["plots"] = {k: v for k, v in pictures.items() if v is not None}
     with open(json_path, "w") as f:
         json.dump(payload, f, indent=1)
     log("")
     log(format_table(payload))
-    log(f"\nwrote {json_path} and {png_path}  (total {payload['total_seconds']:.1f} s)")
+    written = ", ".join(os.path.basename(p) for p in [json_path, *payload["plots"].values()])
+    log(f"\nwrote {written} to {out_dir}  (total {payload['total_seconds']:.1f} s)")
     return payload
-
-
-def _run_method(name, cfg, device, pretrained_state, train_batches, eval_batches, log) -> dict:
-    dependency = OPTIONAL.get(name)
-    if dependency is not None:
-        try:
-            __import__(dependency)
-        except ImportError:
-            log(f"  {name:<12} skipped: the optional package '{dependency}' is not installed")
-            return {"status": "skipped", "error": f"{dependency} is not installed"}
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device)
-    model.load_state_dict(pretrained_state)
-    try:
-        with CudaPeakMemory(device) if device.type == "cuda" else contextlib.nullcontext() as memory:
-            torch.manual_seed(cfg.seed)  # the same adapter initialisation draws for every method
-            setup = METHODS[name](model, cfg)
-            trainable = _count(p for g in setup.optimizer.param_groups for p in g["params"])
-            record = train(setup, train_batches, eval_batches, cfg, device, cfg.adapt_steps, log, name)
-        if memory is not None:
-            peak = memory.peak_bytes
-        else:
-            # one more forward/backward on the first batch, counted exactly; no optimizer step, grads dropped, so
-            # the trained adapters and the results above are untouched
-            peak = step_peak_bytes(model, setup.optimizer, lambda: setup.model(**train_batches[0]).loss.backward())
-            setup.optimizer.zero_grad(set_to_none=True)
-        record.update(status="ok", peak_memory_mib=peak / 2**20, trainable_params=trainable, notes=setup.notes)
-    except Exception as exc:  # noqa: BLE001 - every method gets its row; the command fails at the end
-        log(f"  {name:<12} FAILED: {type(exc).__name__}: {exc}")
-        record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    finally:
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return record
 
 
 # --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
+TABLE_COLUMNS = (
+    Column("train loss", 10, lambda r: f"{r['train_loss_final']:.4f}"),
+    Column("eval loss", 10, lambda r: f"{r['eval_loss_final']:.4f}"),
+    Column("eval acc", 8, lambda r: f"{r['eval_accuracy_final']:.1%}"),
+    Column("wall s", 7, lambda r: f"{r['train_seconds']:.1f}"),
+    Column("ms/step", 8, lambda r: f"{r['ms_per_step']:.1f}"),
+    Column("peak MiB", 9, lambda r: f"{r['peak_memory_mib']:.1f}"),
+    Column("τ sparsity", 10, lambda r: fmt(r["tau_sparsity_final"], ".1%")),
+    Column("trainable", 10, lambda r: f"{r['trainable_params']:,}"),
+    Column("per step", 9, lambda r: f"{r['trainable_params_mean_per_step']:,.0f}"),
+)
+
+
 def format_table(payload: dict) -> str:
-    head = (f"{'method':<12} {'train loss':>10} {'eval loss':>10} {'eval acc':>8} {'wall s':>7} {'ms/step':>8} "
-            f"{'peak MiB':>9} {'τ sparsity':>10} {'trainable':>10} {'per step':>9}  notes")
-    lines = [f"adaptation '{payload['config']['adapt_task']}' after pre-training on "
-             f"'{payload['config']['pretrain_task']}' ({payload['config']['adapt_steps']} steps, eval loss at start "
-             "is the pre-trained model's)", head, "-" * len(head)]
-    for name in payload["methods"]:
-        r = payload["results"][name]
-        if r["status"] != "ok":
-            lines.append(f"{name:<12} {r['status'].upper()}: {r['error']}")
-            continue
-        sparsity = "-" if r["tau_sparsity_final"] is None else f"{r['tau_sparsity_final']:.1%}"
-        lines.append(
-            f"{name:<12} {r['train_loss_final']:>10.4f} {r['eval_loss_final']:>10.4f} "
-            f"{r['eval_accuracy_final']:>8.1%} {r['train_seconds']:>7.1f} {r['ms_per_step']:>8.1f} "
-            f"{r['peak_memory_mib']:>9.1f} {sparsity:>10} {r['trainable_params']:>10,} "
-            f"{r['trainable_params_mean_per_step']:>9,.0f}  {r['notes']}")
+    config = payload["config"]
+    lines = [f"adaptation '{config['adapt_task']}' after pre-training on '{config['pretrain_task']}' "
+             f"({config['adapt_steps']} steps, eval loss at start is the pre-trained model's)"]
+    lines += harness.format_rows(payload["methods"], payload["results"], TABLE_COLUMNS)
     ok = [payload["results"][n] for n in payload["methods"] if payload["results"][n]["status"] == "ok"]
     if ok:
         lines.append(f"eval loss at start (pre-trained model on the new task): {ok[0]['eval_loss_start']:.4f}")
@@ -517,51 +339,19 @@ def format_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(payload: dict, path: str) -> Optional[str]:
-    """Three panels: pre-training loss, adaptation train loss (smoothed), adaptation eval loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    pre = payload["pretrain"]["train_loss_curve"]
-    axes[0].plot(range(1, len(pre) + 1), pre, color="black")
-    axes[0].set(title=f"pre-training: {payload['config']['pretrain_task']} (full fine-tune)", xlabel="step",
-                ylabel="train loss", yscale="log")
-    for name in payload["methods"]:
-        r = payload["results"][name]
-        if r["status"] != "ok":
-            continue
-        curve = r["train_loss_curve"]
-        k = max(1, len(curve) // 30)  # moving average over ~3% of the run
-        smooth = [sum(curve[max(0, i - k + 1): i + 1]) / len(curve[max(0, i - k + 1): i + 1])
-                  for i in range(len(curve))]
-        axes[1].plot(range(1, len(curve) + 1), smooth, label=name)
-        ev = r["eval_curve"]
-        axes[2].plot([e["step"] for e in ev], [e["loss"] for e in ev], marker="o", ms=3, label=name)
-    axes[1].set(title=f"adaptation: {payload['config']['adapt_task']} — train loss", xlabel="step", ylabel="loss",
-                yscale="log")
-    axes[2].set(title="adaptation — eval loss", xlabel="step", ylabel="loss", yscale="log")
-    axes[2].legend(fontsize=8)
-    env = payload["environment"]
-    fig.suptitle(f"pyflex demo — {env['device']} ({env['device_name']}), torch {env['torch']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pyflex.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output directory for results.json and loss_curves.png")
+    p.add_argument("--out", default="runs/demo", help="output directory for results.json and the pictures")
     p.add_argument("--quick", action="store_true", help="a ~20 s smoke version (fewer, smaller steps)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    default = [ALIASES.get(n, n) for n in DEMO_METHODS]
+    more = [n for n, m in METHODS.items() if m.trains and n not in default]
+    p.add_argument("--methods", default=",".join(DEMO_METHODS),
+                   help=f"comma-separated (default: {','.join(DEMO_METHODS)}); also: {', '.join(more)} "
+                        f"(from pyflex/demo/methods.py; {', '.join(f'{a} = {n}' for a, n in ALIASES.items())})")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-steps", type=int, default=None)
@@ -579,33 +369,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     cfg.device, cfg.seed = args.device, args.seed
-    for arg, attr in (("pretrain_steps", "pretrain_steps"), ("adapt_steps", "adapt_steps"),
-                      ("batch_size", "batch_size"), ("lr", "lr"), ("pretrain_task", "pretrain_task"),
-                      ("adapt_task", "adapt_task"), ("tau_alpha", "tau_alpha"), ("lam", "lam")):
-        value = getattr(args, arg)
+    for attr in ("pretrain_steps", "adapt_steps", "batch_size", "lr", "pretrain_task", "adapt_task", "tau_alpha",
+                 "lam"):
+        value = getattr(args, attr)
         if value is not None:
             setattr(cfg, attr, value)
-    for attr in ("pretrain_steps", "adapt_steps", "batch_size"):
-        if getattr(cfg, attr) < 1:
-            raise SystemExit(f"--{attr.replace('_', '-')}={getattr(cfg, attr)} is not allowed; it must be >= 1")
+    harness.check_flags(cfg, ("pretrain_steps", "adapt_steps", "batch_size"), 1)
     return cfg
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        print(f"--methods {args.methods!r}: unknown {unknown or 'empty list'}; allowed: {', '.join(METHODS)}",
-              file=sys.stderr)
+    try:
+        methods = parse_methods(args.methods, training_only=True)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
         return 2
     payload = run_demo(cfg, methods, args.out)
-    failed = [m for m in methods if payload["results"][m]["status"] == "failed"]
-    if failed:
-        print(f"\n{len(failed)} method(s) failed: {', '.join(failed)} (tracebacks in results.json)", file=sys.stderr)
-        return 1
-    return 0
+    # a method skipped for a missing optional package (peft) is not a failure of the demo
+    return harness.exit_status(methods, payload["results"], os.path.join(args.out, "results.json"))
 
 
 if __name__ == "__main__":

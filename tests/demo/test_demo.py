@@ -4,7 +4,9 @@ import math
 
 import pytest
 
+import pyflex
 import pyflex.demo.__main__ as demo
+from pyflex.demo import methods
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +26,9 @@ def test_quick_demo_exits_cleanly(quick_run):
 def test_every_method_present_and_learning(quick_run):
     _, out = quick_run
     payload = json.loads((out / "results.json").read_text())
-    assert set(payload["results"]) == set(demo.METHODS)
+    assert payload["methods"] == list(methods.DEMO_METHODS) and set(payload["results"]) == set(methods.DEMO_METHODS)
     for name, r in payload["results"].items():
-        if name in demo.OPTIONAL and r["status"] == "skipped":
+        if methods.method(name).requires and r["status"] == "skipped":
             continue
         assert r["status"] == "ok", f"{name}: {r.get('error')}"
         losses = r["train_loss_curve"] + [e["loss"] for e in r["eval_curve"]]
@@ -47,9 +49,13 @@ def test_every_method_present_and_learning(quick_run):
 
 def test_outputs_written(quick_run):
     _, out = quick_run
-    png = out / "loss_curves.png"
-    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     payload = json.loads((out / "results.json").read_text())
+    pictures = ("loss_curves", "layer_schedules", "tau_sparsity")
+    assert set(payload["plots"]) == set(pictures)
+    for name in pictures:
+        png = out / f"{name}.png"
+        assert payload["plots"][name] == str(png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert payload["environment"]["device"] == "cpu"
     assert payload["memory_kind"].startswith("tensor bytes")
     # CPU memory is counted exactly: every method holds something, and LIFT (one block trains; the layers below it
@@ -78,7 +84,7 @@ def test_pyflex_lora_and_peft_rows_start_identical():
     for name in ("pyflex_lora", "peft_lora"):
         model = demo.build_model(cfg, "cpu")
         torch.manual_seed(cfg.seed)  # as the demo does before each method's setup
-        setup = demo.METHODS[name](model, cfg)
+        setup = methods.method(name)(model, cfg)
         losses[name] = []
         for batch in batches:
             loss = setup.model(**batch).loss
@@ -88,3 +94,36 @@ def test_pyflex_lora_and_peft_rows_start_identical():
             losses[name].append(loss.item())
     assert losses["pyflex_lora"] == pytest.approx(losses["peft_lora"], rel=1e-4, abs=1e-5)
     assert losses["pyflex_lora"][-1] < losses["pyflex_lora"][0]
+
+
+def test_traces_for_the_pictures(quick_run):
+    """Per step: the layers IST and LIFT trained, IST's importance, τ sparsity per layer — as the schedules and the
+    registry report them (LIFT's against pyflex.lift_sequence, IST's against its importance updates)."""
+    _, out = quick_run
+    payload = json.loads((out / "results.json").read_text())
+    steps, layers = payload["config"]["adapt_steps"], payload["config"]["layers"]
+
+    lift = payload["results"]["lift"]
+    expected = pyflex.lift_sequence(list(range(layers)), steps, order="front2end", policy="grouped")
+    assert lift["active_layers_per_step"] == [[block] for block in expected]
+
+    ist = payload["results"]["ist"]
+    assert len(ist["active_layers_per_step"]) == steps
+    assert all(len(active) == 2 for active in ist["active_layers_per_step"])  # N_u = 25 % of 8
+    importance = ist["ist_importance_per_step"]
+    assert len(importance) == steps and ist["ist_layers"] == list(range(layers))
+    # importance moves only at the updates, every T_c = 10 steps (before the 11th, 21st, ... step's choice)
+    changes = [t for t in range(1, steps) if importance[t] != importance[t - 1]]
+    assert changes and set(changes) <= set(range(10, steps, 10))
+    assert importance[0] == [0.0] * layers and importance[-1] == ist["ist_importance"]
+    assert ist["ist_updates"] == (steps - 1) // 10
+
+    tau = payload["results"]["pyflex_tau"]
+    per_layer = tau["tau_sparsity_per_layer_curve"]
+    assert per_layer["layers"] == list(range(layers)) and len(per_layer["values"]) == steps
+    for row, mean in zip(per_layer["values"], tau["tau_sparsity_curve"]):
+        assert sum(row) / len(row) == pytest.approx(mean)
+    assert max(per_layer["values"][-1]) > 0        # the mask is at work by the end of the run
+    # the summary is the last forward's: the evaluation on held-out batches after the last step
+    assert set(tau["tau_sparsity_per_layer"]) == {str(i) for i in range(layers)}
+    assert 0 < tau["tau_sparsity_mean"] < 1

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import pyflex
+
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -24,7 +26,7 @@ def _load():
 def profile_run(tmp_path_factory):
     module = _load()
     out = tmp_path_factory.mktemp("profile")
-    methods = ["hf_floor", "pyflex_lora", "pyflex_lora_norecompute", "pyflex_tau", "peft"]
+    methods = ["hf_floor", "pyflex_lora", "pyflex_lora_norecompute", "pyflex_tau", "peft", "lift_f2e"]
     status = module.main(["--size", "tiny", "--device", "cpu", "--layers", "2", "--hidden", "64", "--intermediate",
                           "128", "--seq", "32", "--steps", "2", "--warmup", "1", "--methods", ",".join(methods),
                           "--out", str(out)])
@@ -55,7 +57,24 @@ def test_profile_runs(profile_run):
     saved = 2 * 2 * (2 * 32) * 128 * 4
     assert peak["pyflex_lora_norecompute"] - peak["pyflex_lora"] == pytest.approx(saved, rel=0.05)
     assert peak["hf_floor"] < peak["pyflex_lora_norecompute"]
-    assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG" and payload["plot"] == str(out / "profile.png")
+    # LIFT over 3 steps on 2 blocks (grouped, front to end), the last 2 of them timed
+    lift = payload["results"]["lift_f2e"]
+    assert lift["lift_blocks_per_step"] == pyflex.lift_sequence([0, 1], 3) == [0, 1, 1]
+    assert lift["active_layers_per_step"] == [[0], [1], [1]] and lift["timed_layers"] == [1]
+
+
+def test_table_reports_floor_ratio_and_schedule(profile_run):
+    module, _, out, methods = profile_run
+    payload = json.loads((out / "profile.json").read_text())
+    lines = module.format_table(payload).splitlines()
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert list(rows) == methods
+    floor = payload["results"]["hf_floor"]["step_ms_median"]
+    for name in methods:
+        ratio = rows[name].split()[2]
+        assert float(ratio) == pytest.approx(payload["results"][name]["step_ms_median"] / floor, abs=0.006)
+    assert "timed steps trained layers 1" in rows["lift_f2e"] and "τ sparsity" in rows["pyflex_tau"]
 
 
 def test_cpu_defaults_to_tiny(profile_run):
@@ -71,5 +90,11 @@ def test_cpu_defaults_to_tiny(profile_run):
 
 
 def test_unknown_method(profile_run, capsys):
+    """The profiler takes its names from the table the demo uses (pyflex/demo/methods.py), aliases included."""
+    from pyflex.demo.methods import ALIASES, METHODS
+
     module = profile_run[0]
     assert module.main(["--device", "cpu", "--methods", "hf_floor,nope", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown nope" in err
+    assert set(err.strip().split("allowed: ")[1].split(", ")) == set(METHODS) | set(ALIASES)
