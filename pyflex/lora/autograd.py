@@ -73,7 +73,10 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropou
             raise ValueError(f"{arg} is on {t.device} but x is on {x.device}; all tensors must be on one device")
     if isinstance(scale, torch.Tensor):
         raise TypeError("scale must be a python float (α/r or α/√r, times the response scale β), got a tensor")
-    if not math.isfinite(float(scale)) or float(scale) < 0:
+    # Under torch.compile a python float may arrive symbolic (dynamo makes floats that change between calls dynamic),
+    # and math.isfinite on it breaks a fullgraph trace: the scalar checks run on eager calls only.
+    compiling = torch.compiler.is_compiling()
+    if not compiling and (not math.isfinite(float(scale)) or float(scale) < 0):
         raise ValueError(f"scale={scale} is not allowed; it must be finite and >= 0")
     if tau is not None:
         if not isinstance(tau, torch.Tensor) or tau.numel() != 1:
@@ -91,9 +94,9 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, tau, coef, lam, dropou
             raise TypeError(f"coef.dtype={coef.dtype} must be a floating dtype")
         if coef.device != x.device:
             raise ValueError(f"coef is on {coef.device} but x is on {x.device}")
-    if not math.isfinite(float(lam)) or float(lam) < 0:
+    if not compiling and (not math.isfinite(float(lam)) or float(lam) < 0):
         raise ValueError(f"lam={lam} is not allowed; λ must be finite and >= 0")
-    if not 0.0 <= float(dropout_p) < 1.0:
+    if not compiling and not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p={dropout_p} is not allowed; it must be in [0, 1)")
 
 
