@@ -85,9 +85,8 @@ class DemoConfig:
     # adapters
     r: int = 8
     alpha: float = 16.0
-    # PEFT_S τ: the paper's τ lr (α·s = 4e-5) is tuned for thousands of steps; the demo runs ~200, so τ gets a
-    # larger lr to show the mask at work in that time (tau_alpha · 4e-5).
-    tau_alpha: float = 100.0
+    # PEFT_S τ: None = pyflex's default τ lr, 0.4 × lr (tau_alpha · 4e-5 when given; the paper's α·s is 1 · 4e-5)
+    tau_alpha: Optional[float] = None
     lam: float = 1e-4
     seed: int = 0
     device: str = "auto"
@@ -359,7 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="adaptation learning rate (every method)")
     p.add_argument("--tau-alpha", type=float, default=None,
-                   help="pyflex_tau: τ learning rate = tau_alpha × 4e-5 (paper: 1; demo default 100)")
+                   help="pyflex_tau: τ learning rate = tau_alpha × 4e-5 (paper: 1; default: pyflex's, 0.4 × --lr)")
     p.add_argument("--lam", type=float, default=None, help="pyflex_tau: PEFT_S λ (demo default 1e-4)")
     p.add_argument("--pretrain-task", choices=list(TASKS), default=None)
     p.add_argument("--adapt-task", choices=list(TASKS), default=None)

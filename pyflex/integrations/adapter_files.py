@@ -171,7 +171,8 @@ def _module_settings(module: nn.Module) -> dict:
     """What save_adapter records about one adapter module (and load_adapter compares)."""
     if isinstance(module, FlexLinear):
         return dict(type="FlexLinear", r=module.r, alpha=module.alpha, rslora=module.rslora, dropout=module.dropout,
-                    tau=module.tau is not None, lam=module.lam, has_gate=module.gate is not None)
+                    tau=module.tau is not None, lam=module.lam, target_sparsity=module.target_sparsity,
+                    has_gate=module.gate is not None)
     return dict(type=type(module).__name__)
 
 
@@ -268,7 +269,10 @@ def _restore_patch(model: nn.Module, config: dict, path: str) -> None:
                   bias=patch.get("bias", "none"), adapter_dtype=None if dtype_name is None else DTYPE_NAMES[dtype_name],
                   recompute_mlp=patch.get("recompute_mlp"), modules_to_save=patch.get("modules_to_save") or None)
     if patch["tau"]:
-        kwargs["lam"] = patch["lam"]
+        if patch.get("target_sparsity") is not None:
+            kwargs["target_sparsity"] = patch["target_sparsity"]
+        else:
+            kwargs["lam"] = patch["lam"]
     if plan is None:
         patch_model(model, r=patch["r"], alpha=patch["alpha"], target_modules=list(patch["target_modules"]),
                     layers_path=patch.get("layers_path") if family_spec(model) is None else None,

@@ -9,7 +9,10 @@ drives a layer schedule and saves all of it with checkpoints.
   weight decay, lr schedule). When a τ is not in an Adam group of τ alone with betas (0.9, 0.98) and no weight
   decay (what :func:`pyflex.tau_param_groups` builds; such a user optimizer, passed with ``optimizers=``, is left
   alone), the callback trains it itself: ``on_train_begin`` builds ``tau_optimizer``, ``torch.optim.Adam`` with
-  lr = tau_alpha·tau_s, betas (0.9, 0.98), no weight decay and a constant lr (eq. 22 has no schedule);
+  betas (0.9, 0.98), no weight decay and τ's lr: by default 0.4 × the Trainer's current lr at every step (the
+  paper's ratio of τ's step to the adapters' lr, following the Trainer's lr schedule as a ``tau_param_groups``
+  group does), or a constant absolute lr when ``tau_lr`` or ``tau_alpha``/``tau_s`` is given (``tau_s=4e-5``: the
+  paper's α·s exactly; eq. 22 has no schedule);
   ``on_pre_optimizer_step`` takes τ's gradients away so the Trainer's optimizer skips τ (AdamW skips parameters
   without a gradient: no update, no decay, no state), and ``on_optimizer_step`` hands them back and steps
   ``tau_optimizer`` (unless the Trainer's step was skipped on an fp16 overflow). Without the callback, the first
@@ -57,7 +60,7 @@ from transformers import TrainerCallback
 
 from pyflex.integrations.checkpoints import has_checkpoint_adapter, load_checkpoint_adapter, save_checkpoint_adapter
 from pyflex.lora import tau_lambda
-from pyflex.lora.tau import TAU_ALPHA, TAU_BETAS, TAU_EPS, TAU_GROUP_NAME, TAU_S, is_tau_rule_group
+from pyflex.lora.tau import TAU_BETAS, TAU_EPS, TAU_GROUP_NAME, is_tau_rule_group, resolve_tau_lr
 from pyflex.methods.ist import ImportanceSchedule
 from pyflex.methods.lift import LiftSchedule
 from pyflex.model.optim import clip_grad_norm_, has_fsdp1, tau_parameters
@@ -85,7 +88,9 @@ class PyflexCallback(TrainerCallback):
         importance_dataloader: batches for IST's importance forwards (ignored by LIFT).
         resume_from: checkpoint directory to restore from; default: ``checkpoint-<global_step>`` under
             ``args.output_dir`` (or ``args.resume_from_checkpoint`` when it is a path).
-        tau_alpha, tau_s, tau_betas, tau_eps: τ's Adam rule (lr = tau_alpha·tau_s), PEFT_S's defaults.
+        tau_lr, tau_lr_ratio, tau_alpha, tau_s: τ's lr, one way at most (as :func:`pyflex.tau_param_groups`):
+            default 0.4 × the Trainer's current lr; ``tau_lr_ratio`` × that lr; ``tau_lr`` or α·s (constant).
+        tau_betas, tau_eps: τ's Adam betas (PEFT_S's (0.9, 0.98)) and ε.
 
     Attributes:
         tau_optimizer: the Adam that trains τ (None when τ is off or the Trainer's optimizer already has the rule).
@@ -94,16 +99,17 @@ class PyflexCallback(TrainerCallback):
     """
 
     def __init__(self, schedule=None, importance_dataloader: Optional[Iterable] = None,
-                 resume_from: Optional[str] = None, *, tau_alpha: float = TAU_ALPHA, tau_s: float = TAU_S,
-                 tau_betas: Tuple[float, float] = TAU_BETAS, tau_eps: float = TAU_EPS):
-        for arg, value in (("tau_alpha", tau_alpha), ("tau_s", tau_s)):
-            if not value > 0:
-                raise ValueError(f"{arg}={value!r} is not allowed; it must be > 0")
+                 resume_from: Optional[str] = None, *, tau_lr: Optional[float] = None,
+                 tau_lr_ratio: Optional[float] = None, tau_alpha: Optional[float] = None,
+                 tau_s: Optional[float] = None, tau_betas: Tuple[float, float] = TAU_BETAS, tau_eps: float = TAU_EPS):
+        # tau_lr: the absolute lr, or None when τ's lr is tau_lr_ratio × the Trainer's lr at each step
+        self.tau_lr, relative = resolve_tau_lr(None, tau_lr, tau_alpha, tau_s, tau_lr_ratio)
+        self.tau_lr_ratio = resolve_tau_lr(1.0, tau_lr_ratio=tau_lr_ratio)[0] if relative else None
         self.schedule = schedule
         self.importance_dataloader = importance_dataloader
         self.resume_from = resume_from
         self.resumed_from: Optional[str] = None
-        self.tau_lr, self.tau_betas, self.tau_eps = tau_alpha * tau_s, tuple(tau_betas), tau_eps
+        self.tau_betas, self.tau_eps = tuple(tau_betas), tau_eps
         self.tau_optimizer: Optional[torch.optim.Adam] = None
         self._taus: List[torch.nn.Parameter] = []
         self._tau_grads: list = []
@@ -141,14 +147,15 @@ class PyflexCallback(TrainerCallback):
             return
         self.max_grad_norm, args.max_grad_norm = float(args.max_grad_norm), 0.0
 
-    def _take_over_tau(self, model, optimizer) -> None:
+    def _take_over_tau(self, args, model, optimizer) -> None:
         """Build ``tau_optimizer`` for every τ the Trainer's optimizer would train by another rule (or not at all)."""
         inner = getattr(optimizer, "optimizer", optimizer)
         ruled = {id(p) for g in (inner.param_groups if inner is not None else [])
                  if is_tau_rule_group(inner, g, self.tau_betas) for p in g["params"]}
         self._taus = [t for t in tau_parameters(model) if id(t) not in ruled]
         if self._taus:
-            self.tau_optimizer = torch.optim.Adam([{"params": self._taus, "name": TAU_GROUP_NAME}], lr=self.tau_lr,
+            lr = self.tau_lr if self.tau_lr is not None else self.tau_lr_ratio * args.learning_rate
+            self.tau_optimizer = torch.optim.Adam([{"params": self._taus, "name": TAU_GROUP_NAME}], lr=lr,
                                                   betas=self.tau_betas, eps=self.tau_eps, weight_decay=0.0)
 
     # -- events -----------------------------------------------------------------------------------
@@ -159,7 +166,7 @@ class PyflexCallback(TrainerCallback):
                 self._registry = get_registry(model)
             self._take_over_clipping(args, model)
             if self.tau_optimizer is None:
-                self._take_over_tau(model, optimizer)
+                self._take_over_tau(args, model, optimizer)
         schedule = self.schedule
         if schedule is not None:
             if optimizer is not None:
@@ -224,6 +231,9 @@ class PyflexCallback(TrainerCallback):
             for t, g in zip(self._taus, self._tau_grads):
                 t.grad = g
             self._tau_grads = []
+            if self.tau_lr is None and optimizer is not None:  # the lr the Trainer's step just used
+                for group in self.tau_optimizer.param_groups:
+                    group["lr"] = self.tau_lr_ratio * optimizer.param_groups[0]["lr"]
             if not getattr(optimizer, "step_was_skipped", False):  # fp16: an overflow skips the whole step
                 self.tau_optimizer.step()
             self.tau_optimizer.zero_grad(set_to_none=True)

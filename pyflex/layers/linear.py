@@ -25,7 +25,7 @@ from torch import nn
 
 from pyflex.lora import tau_lambda
 from pyflex.lora.autograd import flex_lora, sparsity, verify_taus
-from pyflex.lora.tau import make_tau
+from pyflex.lora.tau import check_target_sparsity, make_tau
 
 try:  # GPT-2 style Conv1D: y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -62,6 +62,9 @@ class FlexLinear(nn.Module):
         dropout: dropout probability on the LoRA input (training mode only), as PEFT.
         tau: create the PEFT_S threshold τ (initial value ``tau0``) and apply the token mask.
         lam: PEFT_S λ ≥ 0 (eq. 15).
+        target_sparsity: None (τ trained by PEFT_S's rule), or a fraction in (0, 1) of real tokens to mask: τ is
+            then steered to that fraction of each step's tokens instead (pyflex/lora/tau_lambda.py; λ unused, so
+            ``lam`` must be 0).
         adapter_dtype: dtype of lora_A/lora_B. Default: float32 on float16/bfloat16 bases (master weights, as PEFT
             keeps them: 16-bit adapters under AdamW overflow to NaN), the base dtype otherwise. The op computes in
             the activation dtype: the small r×in and out×r adapter matrices are cast to it on every call (a
@@ -78,7 +81,7 @@ class FlexLinear(nn.Module):
 
     def __init__(self, base: nn.Module, *, r: int = 8, alpha: float = 16.0, rslora: bool = False,
                  dropout: float = 0.0, tau: bool = False, lam: float = 0.0, tau0: float = 0.0,
-                 adapter_dtype: Optional[torch.dtype] = None):
+                 target_sparsity: Optional[float] = None, adapter_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if isinstance(base, FlexLinear):
             raise TypeError("base is already a FlexLinear; a module is patched once (unpatch it first)")
@@ -92,6 +95,8 @@ class FlexLinear(nn.Module):
             raise ValueError(f"dropout={dropout!r} is not allowed; it must be in [0, 1)")
         if not math.isfinite(float(lam)) or float(lam) < 0:
             raise ValueError(f"lam={lam!r} is not allowed; λ must be finite and >= 0")
+        if target_sparsity is not None:
+            check_target_sparsity(target_sparsity, tau, lam)
         if not math.isfinite(float(tau0)):
             raise ValueError(f"tau0={tau0!r} is not allowed; it must be finite")
         base_dtype, device = self._adopt_base(base)
@@ -101,6 +106,7 @@ class FlexLinear(nn.Module):
         self.scaling = self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
         self.dropout = float(dropout)
         self.lam = float(lam)
+        self.target_sparsity = None if target_sparsity is None else float(target_sparsity)
         self.tau0 = float(tau0)
         dtype = adapter_dtype or default_adapter_dtype(base_dtype)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -121,7 +127,8 @@ class FlexLinear(nn.Module):
         self.last_token_valid: Optional[torch.Tensor] = None
         # Padding mask of the model's current forward (pyflex.layers.token_context), set by patch_model; None: all real.
         self.token_context = None
-        # Gradient collects Σ m_i over real tokens for τ's λ term, added at the optimizer step (pyflex.lora.tau_lambda).
+        # Gradient collects (Σ m_i, real tokens) for τ's λ term (or its target), used at the optimizer step
+        # (pyflex.lora.tau_lambda).
         self.tau_count_sink: Optional[torch.Tensor] = tau_lambda.new_count_sink(device) if tau else None
         if tau:  # here too, not only in forward: a compiled forward cannot set attributes on τ
             tau_lambda.track(self.tau, self)
@@ -263,7 +270,7 @@ class FlexLinear(nn.Module):
         return None if real is None else real.to(x.device)
 
     def _count_sink(self, device: torch.device) -> Optional[torch.Tensor]:
-        """The count sink when this forward trains τ (it receives Σ m_i in backward), else None."""
+        """The count sink when this forward trains τ (it receives (Σ m_i, real tokens) in backward), else None."""
         if not (self.tau.requires_grad and torch.is_grad_enabled()):
             return None
         sink = self.tau_count_sink
@@ -311,7 +318,8 @@ class FlexLinear(nn.Module):
         if self.dropout:
             parts.append(f"dropout={self.dropout:g}")
         if self.tau is not None:
-            parts.append(f"tau=on(lam={self.lam:g})")
+            parts.append(f"tau=on(lam={self.lam:g})" if self.target_sparsity is None
+                         else f"tau=on(target_sparsity={self.target_sparsity:g})")
         if self.response_scale != 1.0:
             parts.append(f"response_scale={self.response_scale:g}")
         if self.conv1d:

@@ -111,9 +111,11 @@ def _check_tau_accounting(x, tau, token_valid, count_sink):
     if count_sink is not None:
         if tau is None:
             raise ValueError("count_sink is given but tau is None; the sink counts the tokens of the τ mask")
-        if not isinstance(count_sink, torch.Tensor) or count_sink.dim() != 0 or \
+        if not isinstance(count_sink, torch.Tensor) or tuple(count_sink.shape) != (2,) or \
                 not count_sink.dtype.is_floating_point:
-            raise TypeError("count_sink must be a 0-dim floating tensor that requires grad, or None")
+            raise TypeError("count_sink must be a floating tensor of shape (2,) that requires grad, or None; got "
+                            + (f"shape {tuple(count_sink.shape)}, {count_sink.dtype}"
+                               if isinstance(count_sink, torch.Tensor) else type(count_sink).__name__))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,7 +163,8 @@ def _backward_impl(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale
     """[dx, dweight, dbias, dA, dB, dcscale, dtau, count], None where not requested.
 
     dcscale_i = m_i·u_i·z_i (∂y_i/∂cscale_i contracted with gy_i); dtau = −g of PEFT_S eq. 14-17 over the real tokens
-    (``valid``), without the λ term when a count sink takes it; count = Σ m_i over real tokens (the sink's gradient).
+    (``valid``), without the λ term when a count sink takes it; count = (Σ m_i over real tokens, number of real
+    tokens), the sink's gradient.
     An NF4 base (``nf4_meta``, as in :func:`_forward_impl`) goes to the backend as the NF4Weight, which it
     dequantizes again for dx."""
     impl = _backend(backend).implementation()
@@ -179,7 +182,10 @@ def _backward_impl(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale
         uz_real, mask_real = (uz, mask) if valid is None else (uz * valid.to(uz.dtype), mask & valid)
         dtau = impl.tau_gradient(uz_real, cscale, mask_real, 0.0 if has_sink else lam)
     if need_count:
-        count = (mask if valid is None else mask & valid).sum()
+        if valid is None:
+            count = torch.stack([mask.sum(), mask.new_full((), mask.shape[0], dtype=torch.int64)])
+        else:
+            count = torch.stack([(mask & valid).sum(), valid.sum()])
     return [res.dx, res.dweight, res.dbias, res.dA, res.dB, dcscale, dtau, count]
 
 
@@ -330,7 +336,7 @@ def _(gy, x, weight, lora_A, lora_B, z, cscale, mask, dropout_scale, valid, lam,
             gy.new_empty((N,)) if need_dbias else empty,
             lora_B.new_empty((r, K)) if need_adapter else empty, lora_B.new_empty((N, r)) if need_adapter else empty,
             cscale.new_empty((M,)) if need_dcscale else empty, cscale.new_empty(()) if need_dtau else empty,
-            mask.new_empty((), dtype=torch.int64) if need_count else empty]
+            mask.new_empty((2,), dtype=torch.int64) if need_count else empty]
 
 
 torch.library.register_autograd("pyflex::lora_forward", _backward, setup_context=_setup_context)
@@ -371,9 +377,9 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
         dropout_p: dropout on the LoRA path only, as PEFT does; applied whenever > 0.
         token_valid: (...,) bool, False for padding tokens, or None (every token is real). Padding tokens count in
             neither term of τ's gradient; their outputs are computed as usual.
-        count_sink: 0-dim floating leaf tensor that requires grad, or None. When given, the λ term is left out of
-            τ's gradient and the sink's gradient receives instead the number of real tokens whose delta was applied
-            (Σ m_i). The λ term is a count, not a gradient of the loss: a caller that scales or averages gradients
+        count_sink: (2,) floating leaf tensor that requires grad, or None. When given, the λ term is left out of
+            τ's gradient and the sink's gradient receives instead (the number of real tokens whose delta was
+            applied, Σ m_i; the number of real tokens). The λ term is a count, not a gradient of the loss: a caller that scales or averages gradients
             (GradScaler, DDP) adds −λ·count to τ.grad itself at the optimizer step (pyflex/lora/tau_lambda.py does
             this for FlexLinear).
         return_mask: also return the bool mask (...,), True where the delta was applied.

@@ -1,14 +1,22 @@
-"""PEFT_S's λ term of τ's gradient, added at the optimizer step so that it scales like every other gradient.
+"""PEFT_S's λ term of τ's gradient, added at the optimizer step so that it scales like every other gradient; and
+the target-sparsity option, which steers τ to a fraction of masked tokens instead.
 
 τ's gradient (eq. 14-17) is −Σ_i (1[(μ_i ≥ 0) == m_i]·μ_i + m_i·λ). The μ part is a gradient of the loss: it
 scales with a GradScaler's loss scale, is averaged by DDP like every gradient and sums over gradient-accumulation
 micro-batches. The λ part is a count of active tokens, not a function of the loss: added in backward it would be
 divided away by ``GradScaler.unscale_`` and divided by the world size under DDP.
 
-So FlexLinear sends the count to a small "count sink" tensor (its gradient is Σ m_i over real tokens, accumulated
-by autograd across micro-batches) and a process-wide optimizer step pre-hook adds −λ·count to τ.grad right before
-the step, after unscaling, after DDP's averaging, with the counts summed over ranks (one all-reduce per step for
-all τ of the optimizer). The update then equals the single-process fp32 one on the union batch.
+So FlexLinear sends the counts to a small "count sink" tensor (its gradient is (Σ m_i, n) over the real tokens of
+the step, n the number of real tokens, accumulated by autograd across micro-batches) and a process-wide optimizer
+step pre-hook adds −λ·Σ m_i to τ.grad right before the step, after unscaling, after DDP's averaging, with the
+counts summed over ranks (one all-reduce per step for all τ of the optimizer). The update then equals the
+single-process fp32 one on the union batch.
+
+Target sparsity (``FlexLinear.target_sparsity`` = s*, beyond the paper): τ's gradient is replaced by
+−(s* − s_t)·n = (1 − s*)·n − Σ m_i, s_t = 1 − Σ m_i / n the step's masked fraction. Under τ's Adam this moves τ up
+by about its lr while fewer than s* of the tokens are masked and down while more are: τ tracks the s*-quantile of
+the layer's ratios ρ_i (a stochastic quantile tracker), whatever the loss says. The μ part the op computed is
+dropped; λ is not used.
 
 Stale counts: a window whose step never ran (a GradScaler step skipped for inf/nan) is dropped at the next forward
 that finds τ.grad reset to None by ``zero_grad()`` (PyTorch's default ``set_to_none=True``, which the HF Trainer
@@ -27,12 +35,13 @@ _step_hook = None
 
 
 def new_count_sink(device) -> torch.Tensor:
-    """A 0-dim float32 leaf whose gradient collects a layer's active-token count."""
-    return torch.zeros((), dtype=torch.float32, device=device, requires_grad=True)
+    """A (2,) float32 leaf whose gradient collects a layer's (active real tokens, real tokens)."""
+    return torch.zeros(2, dtype=torch.float32, device=device, requires_grad=True)
 
 
 def track(tau: torch.Tensor, layer) -> None:
-    """Route ``tau``'s λ term through ``layer`` (a FlexLinear with ``lam`` and ``tau_count_sink``)."""
+    """Route ``tau``'s λ term through ``layer`` (a FlexLinear with ``lam``, ``target_sparsity`` and
+    ``tau_count_sink``)."""
     owner = getattr(tau, OWNER_ATTR, None)
     if owner is None or owner() is not layer:
         setattr(tau, OWNER_ATTR, weakref.ref(layer))
@@ -53,9 +62,10 @@ def _taus_of(optimizer) -> List[torch.Tensor]:
 
 def add_lambda_terms(optimizer) -> None:
     """Add −λ·(active real tokens, summed over micro-batches and ranks) to the gradient of every τ of ``optimizer``
-    that has one, and use up those counts. Runs by itself before every optimizer step; a caller that moves τ's
-    gradient out of the way of another optimizer's step (PyflexCallback) calls it first. A τ whose grad is None
-    keeps its count for the step that will see its gradient."""
+    that has one (or, for a layer with a target sparsity, set it to the target's gradient), and use up those counts.
+    Runs by itself before every optimizer step; a caller that moves τ's gradient out of the way of another
+    optimizer's step (PyflexCallback) calls it first. A τ whose grad is None keeps its counts for the step that will
+    see its gradient."""
     pending = []
     for tau in _taus_of(optimizer):
         layer = getattr(tau, OWNER_ATTR)()
@@ -65,13 +75,19 @@ def add_lambda_terms(optimizer) -> None:
     if not pending:
         return
     device = pending[0][2].grad.device
-    counts = torch.stack([sink.grad.reshape(()).to(device) for _, _, sink in pending])
+    counts = torch.stack([sink.grad.reshape(2).to(device) for _, _, sink in pending])
     if torch.distributed.is_available() and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size() > 1:
-        # DDP/FSDP average gradients over ranks; the λ count is a sum over all tokens of the global batch.
+        # DDP/FSDP average gradients over ranks; the counts are sums over all tokens of the global batch.
         torch.distributed.all_reduce(counts)
-    for (tau, layer, sink), count in zip(pending, counts):
-        tau.grad.add_((-layer.lam * count).to(device=tau.grad.device, dtype=tau.grad.dtype).reshape(tau.grad.shape))
+    for (tau, layer, sink), (active, real) in zip(pending, counts):
+        target = getattr(layer, "target_sparsity", None)
+        if target is None:
+            term = -layer.lam * active
+            tau.grad.add_(term.to(device=tau.grad.device, dtype=tau.grad.dtype).reshape(tau.grad.shape))
+        else:
+            term = (1.0 - target) * real - active
+            tau.grad.copy_(term.to(device=tau.grad.device, dtype=tau.grad.dtype).reshape(tau.grad.shape))
         sink.grad = None
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pyflex.layers.linear import FlexLinear, is_linear_like
+from pyflex.lora.tau import check_target_sparsity
 
 __all__ = ["PyflexConfig", "LoraPlan", "LORA_FIELDS", "is_peft_config", "lora_config_fields", "lora_plan_from_config",
            "pattern_value", "check_pattern", "peft_targets", "DTYPE_NAMES"]
@@ -42,7 +43,8 @@ class PyflexConfig:
     with the LoRA options as keywords). Each field is the ``patch_model`` keyword of the same name (see its docstring):
 
     tau: the PEFT_S token mask with a trainable threshold τ. lam: PEFT_S λ, only with ``tau=True`` (None: the default,
-    :data:`pyflex.model.patch.DEFAULT_LAM`). tau0: τ's initial value. adapter_dtype: dtype of lora_A / lora_B (a
+    :data:`pyflex.model.patch.DEFAULT_LAM`). target_sparsity: a fraction of tokens τ is steered to mask instead of
+    λ (only with ``tau=True``, not with ``lam``). tau0: τ's initial value. adapter_dtype: dtype of lora_A / lora_B (a
     torch.dtype or its name, e.g. "bfloat16"; None: fp32 on 16-bit bases, the base dtype otherwise). recompute_mlp:
     the memory-light gated MLP (None: on for gated families). layers_path: dotted path of the layer list, for families
     outside pyflex.model.families.
@@ -50,6 +52,7 @@ class PyflexConfig:
 
     tau: bool = False
     lam: Optional[float] = None
+    target_sparsity: Optional[float] = None
     tau0: float = 0.0
     adapter_dtype: Optional[torch.dtype] = None
     recompute_mlp: Optional[bool] = None
@@ -61,6 +64,8 @@ class PyflexConfig:
         if self.lam is not None and not self.tau:
             raise ValueError(f"lam={self.lam!r} is given with tau={self.tau!r}: λ only acts through the PEFT_S τ mask; "
                              "pass tau=True as well, or leave lam out")
+        if self.target_sparsity is not None:
+            check_target_sparsity(self.target_sparsity, self.tau, self.lam)
         for name in ("lam", "tau0"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

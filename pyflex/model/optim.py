@@ -2,7 +2,8 @@
 
 The op accumulates ``tau.grad = −g`` (eq. 17 of the PEFT_S paper; docs/op.md). Adam then gives m̂/(√v̂+ε) of −g, and
 its step ``τ ← τ − lr·m̂(−g)/(√v̂+ε)`` equals eq. 22's ``τ ← τ + α·s·m̂(g)/(√v̂+ε)`` when lr = α·s, betas = (0.9, 0.98)
-and there is no weight decay. :func:`tau_param_groups` builds exactly that group.
+and there is no weight decay. :func:`tau_param_groups` builds exactly that group, by default with α·s = 0.4 × the
+adapters' lr (the paper's ratio; its absolute α·s = 4e-5 is ``tau_s=4e-5``).
 
 τ's gradient is a sum over tokens, orders of magnitude above an adapter weight's; inside a global gradient norm it
 would dominate and shrink every adapter update. :func:`clip_grad_norm_` clips everything trainable except τ.
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from pyflex.layers.linear import FlexLinear
-from pyflex.lora.tau import TAU_ALPHA, TAU_BETAS, TAU_EPS, TAU_GROUP_NAME, TAU_S, _is_tau_name, is_tau
+from pyflex.lora.tau import TAU_BETAS, TAU_EPS, TAU_GROUP_NAME, _is_tau_name, is_tau, resolve_tau_lr
 
 
 def tau_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -42,29 +43,38 @@ def _check_pyflex_model(model: nn.Module, what: str) -> None:
                      "FlexLinear, no τ); call pyflex.patch_model(model, ...) first and pass the patched model")
 
 
-def tau_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *, tau_alpha: float = TAU_ALPHA,
-                     tau_s: float = TAU_S, tau_betas: Tuple[float, float] = TAU_BETAS,
+def tau_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *, tau_lr: Optional[float] = None,
+                     tau_lr_ratio: Optional[float] = None, tau_alpha: Optional[float] = None,
+                     tau_s: Optional[float] = None, tau_betas: Tuple[float, float] = TAU_BETAS,
                      tau_eps: float = TAU_EPS) -> List[dict]:
     """Param groups for ``torch.optim.Adam``/``AdamW``: every trainable non-τ parameter in one group
-    (``lr``, ``weight_decay``), every τ in a group of its own with lr = tau_alpha·tau_s, betas
-    ``tau_betas`` and no weight decay (PEFT_S eq. 18-22).
+    (``lr``, ``weight_decay``), every τ in a group of its own with betas ``tau_betas``, no weight decay (PEFT_S
+    eq. 18-22) and τ's lr:
 
-    τ parameters are included even when currently frozen (a schedule may unfreeze them later; AdamW skips
-    parameters whose grad is None), so the optimizer never has to be rebuilt.
+    * default: ``TAU_LR_RATIO`` (0.4) × ``lr``, the paper's ratio of τ's step to the adapters' lr
+      (pyflex/lora/tau.py; docs/methods.md, "PEFT_S");
+    * ``tau_lr_ratio=q``: q × ``lr``;
+    * ``tau_s=4e-5`` (and/or ``tau_alpha``): the paper's absolute α·s (α = 1, s = 4e-5 for the one left out), i.e.
+      PEFT_S exactly; ``tau_alpha=100`` is 100 × 4e-5;
+    * ``tau_lr``: that lr.
+
+    An lr scheduler scales τ's group like every other group. τ parameters are included even when currently frozen
+    (a schedule may unfreeze them later; AdamW skips parameters whose grad is None), so the optimizer never has to be
+    rebuilt.
 
     ``model`` must be patched by pyflex (or hold FlexLinear layers or τ parameters); on a plain model the first
     group would be the whole trainable base model, so that is an error.
     """
-    for arg, value in (("lr", lr), ("tau_alpha", tau_alpha), ("tau_s", tau_s)):
-        if not value > 0:
-            raise ValueError(f"{arg}={value} must be > 0")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr={lr!r} is not allowed; it must be a number > 0")
+    tau_group_lr, _ = resolve_tau_lr(lr, tau_lr, tau_alpha, tau_s, tau_lr_ratio)
     _check_pyflex_model(model, "tau_param_groups")
     taus = tau_parameters(model)
     tau_ids = {id(p) for p in taus}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in tau_ids]
     groups = [{"params": others, "lr": lr, "weight_decay": weight_decay, "name": "pyflex_params"}]
     if taus:
-        groups.append({"params": taus, "lr": tau_alpha * tau_s, "betas": tuple(tau_betas), "eps": tau_eps,
+        groups.append({"params": taus, "lr": tau_group_lr, "betas": tuple(tau_betas), "eps": tau_eps,
                        "weight_decay": 0.0, "name": TAU_GROUP_NAME})
     return groups
 

@@ -28,8 +28,8 @@ _BIAS_MODES = ("none", "all", "lora_only")
 _ROLE_TARGETS = ("attention", "ffn", "ffn_down")
 
 # PEFT_S λ when tau=True and lam is not given: the paper's value for LoRA_S on LLaMA3-8B (Table 1), the run whose
-# s = 4e-5 is also pyflex's default τ step size (pyflex.lora.tau.TAU_S). Every experiment of the paper has λ > 0, chosen
-# from [1e-7, 1e-3]; λ = 0 drops eq. 15's pressure towards sparsity.
+# ratio of τ's step to the adapters' lr (4e-5 / 1e-4) is pyflex's default τ lr ratio (pyflex.lora.tau.TAU_LR_RATIO).
+# Every experiment of the paper has λ > 0, chosen from [1e-7, 1e-3]; λ = 0 drops eq. 15's pressure towards sparsity.
 DEFAULT_LAM = 4.5e-5
 
 
@@ -182,7 +182,8 @@ def patch_model(model: nn.Module, config=None, pyflex_config: Optional[PyflexCon
                 r: int = _Default(8), alpha: float = _Default(16), rslora: bool = _Default(False),
                 dropout: float = _Default(0.0), target_modules: Union[str, Sequence[str]] = _Default("all-linear"),
                 layers: Union[None, int, Iterable[int]] = None, tau: bool = _Default(False),
-                lam: Optional[float] = None, tau0: float = _Default(0.0), bias: str = _Default("none"),
+                lam: Optional[float] = None, target_sparsity: Optional[float] = None, tau0: float = _Default(0.0),
+                bias: str = _Default("none"),
                 adapter_dtype: Optional[torch.dtype] = None, train_bias: bool = _Default(False),
                 layers_path: Optional[str] = None, recompute_mlp: Optional[bool] = None,
                 modules_to_save: Optional[Sequence[str]] = None, rank_pattern: Optional[Dict[str, int]] = None,
@@ -201,8 +202,8 @@ def patch_model(model: nn.Module, config=None, pyflex_config: Optional[PyflexCon
     every Linear/Conv1D except the output layer; :mod:`pyflex.model.config`); a field pyflex does not implement
     (DoRA, LoftQ, other inits, layer replication, LoRA biases, ...) is an error naming it. The LoRA keywords below
     (r, alpha, rslora, dropout, target_modules, layers, bias, train_bias, modules_to_save, rank_pattern,
-    alpha_pattern) cannot be combined with a LoraConfig. pyflex's own options (tau, lam, tau0, adapter_dtype,
-    recompute_mlp, layers_path) come as keywords or as one :class:`pyflex.PyflexConfig`, not both. The configs
+    alpha_pattern) cannot be combined with a LoraConfig. pyflex's own options (tau, lam, target_sparsity, tau0,
+    adapter_dtype, recompute_mlp, layers_path) come as keywords or as one :class:`pyflex.PyflexConfig`, not both. The configs
     given are recorded in ``get_registry(model).config`` (``lora_config``, ``pyflex_config``) and written by
     :func:`pyflex.save_adapter`.
 
@@ -229,10 +230,14 @@ def patch_model(model: nn.Module, config=None, pyflex_config: Optional[PyflexCon
             ``r`` / ``alpha``. Every key must select a patched module.
         tau: PEFT_S token mask with a trainable threshold τ, initial value ``tau0``.
         lam: PEFT_S λ (eq. 15), only with ``tau=True`` (passing it otherwise is an error). None means
-            :data:`DEFAULT_LAM` = 4.5e-5, the paper's λ for LoRA_S on LLaMA3-8B (Table 1, with s = 4e-5, the τ step
-            scale pyflex uses by default); the paper uses λ > 0 in every experiment, from [1e-7, 1e-3]. The
-            resolved value is ``get_registry(model).config["lam"]`` (0.0 when τ is off) and is what
+            :data:`DEFAULT_LAM` = 4.5e-5, the paper's λ for LoRA_S on LLaMA3-8B (Table 1, the run whose τ step / lr
+            ratio is pyflex's default, :func:`pyflex.tau_param_groups`); the paper uses λ > 0 in every experiment,
+            from [1e-7, 1e-3]. The resolved value is ``get_registry(model).config["lam"]`` (0.0 when τ is off or a
+            target sparsity is set) and is what
             :func:`pyflex.save_adapter` saves.
+        target_sparsity: instead of λ, a fraction in (0, 1) of real tokens each τ is steered to mask (a compute
+            budget: every τ-masked layer skips the delta of about that fraction; pyflex/lora/tau_lambda.py). Only with
+            ``tau=True`` and without ``lam`` (λ is then 0).
         bias: "none" (all biases frozen), "all" (every bias in the model trains), "lora_only" (biases of patched
             linears train). ``train_bias=True`` is the same as ``bias="lora_only"``.
         adapter_dtype: dtype of lora_A/lora_B; default: FlexLinear's.
@@ -268,7 +273,8 @@ def patch_model(model: nn.Module, config=None, pyflex_config: Optional[PyflexCon
     lora_config, pyflex_config = _split_configs(config, pyflex_config)
     arguments = dict(r=r, alpha=alpha, rslora=rslora, dropout=dropout, target_modules=target_modules, layers=layers,
                      bias=bias, train_bias=train_bias, modules_to_save=modules_to_save, rank_pattern=rank_pattern,
-                     alpha_pattern=alpha_pattern, tau=tau, lam=lam, tau0=tau0, adapter_dtype=adapter_dtype,
+                     alpha_pattern=alpha_pattern, tau=tau, lam=lam, target_sparsity=target_sparsity, tau0=tau0,
+                     adapter_dtype=adapter_dtype,
                      layers_path=layers_path, recompute_mlp=recompute_mlp)
     given = {k: v for k, v in arguments.items() if not isinstance(v, _Default) and v is not None}
     for keywords, other, what in ((_LORA_KEYWORDS, lora_config, "peft.LoraConfig"),
@@ -327,7 +333,8 @@ def _apply_plan(model: nn.Module, plan: LoraPlan, pyflex_config: PyflexConfig, s
         raise ValueError(f"init_lora_weights={plan.init_lora_weights!r} is not allowed; allowed: True, False, 'gaussian'")
     tau, tau0, adapter_dtype = pyflex_config.tau, pyflex_config.tau0, pyflex_config.adapter_dtype
     layers_path = pyflex_config.layers_path
-    lam = (DEFAULT_LAM if pyflex_config.lam is None else pyflex_config.lam) if tau else 0.0
+    target_sparsity = pyflex_config.target_sparsity
+    lam = (DEFAULT_LAM if pyflex_config.lam is None else pyflex_config.lam) if tau and target_sparsity is None else 0.0
     rslora, dropout, bias = plan.rslora, plan.dropout, plan.bias
     targets = list(plan.targets)
     saved = _resolve_modules_to_save(model, plan.modules_to_save, targets)
@@ -342,7 +349,7 @@ def _apply_plan(model: nn.Module, plan: LoraPlan, pyflex_config: PyflexConfig, s
         # a 4-bit NF4 base (bitsandbytes Linear4bit, torchao NF4Tensor) becomes a QuantizedFlexLinear; an unsupported
         # quantized weight is an error naming the module
         name: flex_linear_for(modules[name], name, r=plan.ranks[name], alpha=plan.alphas[name], rslora=rslora,
-                              dropout=dropout, tau=tau, lam=lam, tau0=tau0,
+                              dropout=dropout, tau=tau, lam=lam, target_sparsity=target_sparsity, tau0=tau0,
                               adapter_dtype=adapter_dtype).train(modules[name].training)
         for name in targets
     }
@@ -384,7 +391,8 @@ def _apply_plan(model: nn.Module, plan: LoraPlan, pyflex_config: PyflexConfig, s
         for p in registry.adapter_parameters():
             p.requires_grad_(False)
     registry.config = dict(r=plan.r, alpha=float(plan.alpha), rslora=bool(rslora), dropout=float(dropout),
-                           tau=bool(tau), lam=float(lam), tau0=float(tau0), bias=bias,
+                           tau=bool(tau), lam=float(lam), target_sparsity=target_sparsity, tau0=float(tau0),
+                           bias=bias,
                            adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).replace("torch.", ""),
                            target_modules=list(targets), layers_path=registry.layers_path,
                            recompute_mlp=bool(mlp_kind), modules_to_save=list(saved),

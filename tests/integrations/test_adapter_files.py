@@ -375,7 +375,7 @@ def test_save_adapter_writes_the_given_configs_and_load_replays_patterns(tmp_pat
     assert saved["lora_config"]["target_modules"] == "all-linear"
     assert saved["lora_config"]["rank_pattern"] == {"down_proj": 2, "layers.0.self_attn.q_proj": 6}
     assert saved["lora_config"]["exclude_modules"] == ["gate_proj"]
-    assert saved["pyflex_config"] == dict(tau=True, lam=1e-4, tau0=0.0, adapter_dtype=None, recompute_mlp=None,
+    assert saved["pyflex_config"] == dict(tau=True, lam=1e-4, target_sparsity=None, tau0=0.0, adapter_dtype=None, recompute_mlp=None,
                                           layers_path=None)
     dst = pyflex.load_adapter(tiny_model("llama"), str(tmp_path))  # modules of three ranks and two α
     assert pyflex.get_registry(dst).config == pyflex.get_registry(src).config

@@ -320,8 +320,8 @@ def test_pyflex_config_and_keywords_give_the_same_patch():
     for config in configs[1:]:
         assert {k: v for k, v in config.items() if k not in records} == \
             {k: v for k, v in configs[0].items() if k not in records}
-    assert configs[0]["pyflex_config"] == dict(tau=True, lam=1e-4, tau0=0.01, adapter_dtype=None, recompute_mlp=False,
-                                               layers_path=None)
+    assert configs[0]["pyflex_config"] == dict(tau=True, lam=1e-4, target_sparsity=None, tau0=0.01, adapter_dtype=None,
+                                               recompute_mlp=False, layers_path=None)
     assert configs[0]["lora_config"]["target_modules"] == ["down_proj", "q_proj"]
     assert configs[1]["lora_config"] is None
     torch.manual_seed(5)

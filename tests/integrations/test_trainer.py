@@ -223,11 +223,11 @@ def _tau_trainer(out, max_steps, callbacks, resume=None, optimizers=(None, None)
     return trainer
 
 
-def _adam(grads, lr, betas, eps):
-    """Adam by hand in float64 on one scalar from τ0 = 0: the trajectory after each step (PEFT_S eq. 18-22 with
-    τ.grad = −g)."""
+def _adam(grads, lrs, betas, eps):
+    """Adam by hand in float64 on one scalar from τ0 = 0, with lr ``lrs[k]`` at step k: the trajectory after each
+    step (PEFT_S eq. 18-22 with τ.grad = −g)."""
     tau, m, v, out = 0.0, 0.0, 0.0, []
-    for k, g in enumerate(grads, start=1):
+    for k, (g, lr) in enumerate(zip(grads, lrs), start=1):
         m = betas[0] * m + (1 - betas[0]) * g
         v = betas[1] * v + (1 - betas[1]) * g * g
         tau -= lr * (m / (1 - betas[0] ** k)) / ((v / (1 - betas[1] ** k)) ** 0.5 + eps)
@@ -235,29 +235,47 @@ def _adam(grads, lr, betas, eps):
     return out
 
 
-def test_trainer_trains_tau_by_the_peft_s_adam_rule_and_resumes_it(tmp_path):
-    raw, callback, taus = GradRecorder(), PyflexCallback(), TauRecorder()
+# τ's lr per step under _tau_trainer (lr 1e-2, linear decay to 0 over 4 steps): by default 0.4 × the Trainer's lr of
+# that step; with the paper's α·s (tau_s=4e-5) a constant 4e-5.
+_TAU_LRS = {"default": ({}, [0.4 * 1e-2 * (1 - k / 4) for k in range(4)]),
+            "paper": ({"tau_s": 4e-5}, [4e-5] * 4)}
+
+
+@pytest.mark.parametrize("tau_lr", sorted(_TAU_LRS))
+def test_trainer_trains_tau_by_the_peft_s_adam_rule_and_resumes_it(tmp_path, tau_lr):
+    kwargs, lrs = _TAU_LRS[tau_lr]
+    raw, callback, taus = GradRecorder(), PyflexCallback(**kwargs), TauRecorder()
     trainer = _tau_trainer(tmp_path, 4, [raw, callback, taus])
     model_taus = pyflex.tau_parameters(trainer.model)
     (group,) = callback.tau_optimizer.param_groups
     assert {id(p) for p in group["params"]} == {id(t) for t in model_taus} and len(model_taus) == 2 * 7
-    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (4e-5, (0.9, 0.98), 1e-8, 0.0)
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (lrs[-1], (0.9, 0.98), 1e-8, 0.0)
     assert not {id(t) for t in model_taus} & {id(p) for p in trainer.optimizer.optimizer.state}  # never stepped there
     names = list(taus.values[0])
     assert len(names) == 14 and len(raw.grads) == 4
     for name in names:
         grads = [float(g[name]) + lam[name] for g, lam in zip(raw.grads, raw.lambda_terms)]  # μ part + λ part
         assert all(lam[name] < 0 for lam in raw.lambda_terms)
-        want = _adam(grads, 4e-5, (0.9, 0.98), 1e-8)
+        want = _adam(grads, lrs, (0.9, 0.98), 1e-8)
         got = [float(v[name]) for v in taus.values]
-        assert got == pytest.approx(want, rel=0, abs=1e-10), name
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-10), name
 
     # resumed from step 2, τ continues with its Adam state (pyflex_tau_optimizer.pt) to the same values
     assert (tmp_path / "checkpoint-2" / TAU_OPTIMIZER_FILE).is_file()
     resumed = TauRecorder()
-    _tau_trainer(tmp_path, 4, [PyflexCallback(), resumed], resume=str(tmp_path / "checkpoint-2"))
+    _tau_trainer(tmp_path, 4, [PyflexCallback(**kwargs), resumed], resume=str(tmp_path / "checkpoint-2"))
     assert len(resumed.values) == 2
     assert all(torch.equal(resumed.values[-1][n], taus.values[-1][n]) for n in names)
+
+
+def test_callback_tau_lr_arguments_are_checked():
+    assert PyflexCallback().tau_lr is None and PyflexCallback().tau_lr_ratio == 0.4
+    assert PyflexCallback(tau_alpha=100).tau_lr == pytest.approx(4e-3)
+    assert PyflexCallback(tau_lr=1e-3).tau_lr == 1e-3 and PyflexCallback(tau_lr_ratio=2).tau_lr_ratio == 2
+    with pytest.raises(ValueError, match="tau_lr=0.001, tau_s=4e-05"):
+        PyflexCallback(tau_lr=1e-3, tau_s=4e-5)
+    with pytest.raises(ValueError, match="tau_lr_ratio=-1"):
+        PyflexCallback(tau_lr_ratio=-1)
 
 
 def test_trainer_without_the_callback_refuses_to_train_tau_by_its_rule(tmp_path):

@@ -483,7 +483,7 @@ def test_tau_adam_follows_peft_s_eq_18_22(backend):
     x, w, _, A, B = make_inputs(M, K, N, r, torch.float32, seed=6)
     tau0 = pick_tau(dense_spec(x, w, None, A, B, scale)["ratio"], 5e-3)
     layer = _TauLayer(w, A, B, tau0)
-    groups = pyflex.tau_param_groups(layer, lr=1e-3)
+    groups = pyflex.tau_param_groups(layer, lr=1e-3, tau_s=pyflex.lora.tau.TAU_S)  # the paper's α·s exactly
     opt = torch.optim.Adam(groups)
     alpha_s, (b1, b2), eps = pyflex.lora.tau.TAU_ALPHA * pyflex.lora.tau.TAU_S, pyflex.lora.tau.TAU_BETAS, pyflex.lora.tau.TAU_EPS
     tau_hand, m, v = float(tau0), 0.0, 0.0

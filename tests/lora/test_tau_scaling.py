@@ -18,9 +18,11 @@ from tiny_models import VOCAB, randomize_flex, tiny_model, tokens
 LAM = 0.05  # large enough that the λ term dominates τ's update in a few steps
 
 
-def _tau_model(seed=0, lam=LAM, layers=2, **kw):
-    model = pyflex.patch_model(tiny_model("llama", layers=layers, seed=seed), r=4, tau=True, lam=lam,
-                               target_modules=["q_proj", "v_proj", "down_proj"], **kw)
+def _tau_model(seed=0, lam=LAM, layers=2, target=None, **kw):
+    """λ = ``lam``, or with ``target`` a target sparsity (and no λ)."""
+    tau_kw = {"lam": lam} if target is None else {"target_sparsity": target, "tau0": 0.3}
+    model = pyflex.patch_model(tiny_model("llama", layers=layers, seed=seed), r=4, tau=True,
+                               target_modules=["q_proj", "v_proj", "down_proj"], **tau_kw, **kw)
     randomize_flex(model)
     return model.train()
 
@@ -172,7 +174,7 @@ def _ddp_batches():
     return [tokens(batch=4, seq=6, seed=20 + s) for s in range(_DDP_STEPS)]
 
 
-def _ddp_worker(rank, world, port, out_path):
+def _ddp_worker(rank, world, port, out_path, target):
     import torch.distributed as dist
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -180,7 +182,7 @@ def _ddp_worker(rank, world, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.nn.parallel import DistributedDataParallel
-        model = _tau_model()
+        model = _tau_model(target=target)
         wrapped = DistributedDataParallel(model)
         opt = _opt(model)
         per = 4 // world
@@ -202,14 +204,15 @@ def _ddp_worker(rank, world, port, out_path):
 
 
 @pytest.mark.slow
-def test_ddp_tau_update_equals_single_process(tmp_path):
+@pytest.mark.parametrize("target", [None, 0.5], ids=["lambda", "target_sparsity"])
+def test_ddp_tau_update_equals_single_process(tmp_path, target):
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out_path = str(tmp_path / "taus.pt")
-    mp.spawn(_ddp_worker, args=(2, port, out_path), nprocs=2, join=True)
-    model = _tau_model()
+    mp.spawn(_ddp_worker, args=(2, port, out_path, target), nprocs=2, join=True)
+    model = _tau_model(target=target)
     opt = _opt(model)
     grads = [_step(model, opt, [ids]) for ids in _ddp_batches()]
     ddp_grads, ddp_taus = torch.load(out_path)

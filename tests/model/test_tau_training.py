@@ -112,7 +112,36 @@ def test_tau_param_groups_on_an_unpatched_model_is_an_error():
     pyflex.patch_model(model, r=4, tau=True)
     groups = pyflex.tau_param_groups(model, lr=1e-3)
     assert [len(g["params"]) for g in groups] == [2 * 7 * 2, 2 * 7]
-    assert groups[1]["lr"] == pyflex.lora.tau.TAU_ALPHA * pyflex.lora.tau.TAU_S and groups[1]["betas"] == (0.9, 0.98)
+    assert groups[1]["lr"] == pytest.approx(0.4 * 1e-3) and groups[1]["betas"] == (0.9, 0.98)
+
+
+@pytest.mark.parametrize("kwargs, want", [
+    ({}, 0.4 * 2e-3),                          # default: the paper's ratio α·s / lr = 4e-5 / 1e-4
+    ({"tau_lr_ratio": 0.1}, 0.1 * 2e-3),
+    ({"tau_s": 4e-5}, 4e-5),                   # the paper's α·s exactly
+    ({"tau_alpha": 1.0}, 4e-5),
+    ({"tau_alpha": 100.0}, 100 * 4e-5),
+    ({"tau_alpha": 2.0, "tau_s": 1e-4}, 2e-4),
+    ({"tau_lr": 3e-4}, 3e-4),
+], ids=lambda v: str(v))
+def test_tau_param_groups_tau_lr(kwargs, want):
+    model = pyflex.patch_model(tiny_llama(num_layers=2), r=4, tau=True)
+    groups = pyflex.tau_param_groups(model, lr=2e-3, **kwargs)
+    assert groups[0]["lr"] == 2e-3 and groups[1]["lr"] == pytest.approx(want, rel=1e-12)
+    assert (groups[1]["betas"], groups[1]["weight_decay"]) == ((0.9, 0.98), 0.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tau_lr": 1e-3, "tau_alpha": 10.0}, "given 2 ways"),
+    ({"tau_lr_ratio": 0.4, "tau_s": 4e-5}, "given 2 ways"),
+    ({"tau_lr": 0.0}, "tau_lr=0.0 is not allowed"),
+    ({"tau_lr_ratio": float("nan")}, "tau_lr_ratio=nan is not allowed"),
+    ({"tau_alpha": -1.0}, "tau_alpha=-1.0 is not allowed"),
+], ids=lambda v: str(v))
+def test_tau_param_groups_bad_tau_lr_is_an_error_naming_it(kwargs, match):
+    model = pyflex.patch_model(tiny_llama(num_layers=2), r=4, tau=True)
+    with pytest.raises(ValueError, match=match):
+        pyflex.tau_param_groups(model, lr=1e-3, **kwargs)
 
 
 def test_demo_clips_adapters_and_leaves_tau_out():

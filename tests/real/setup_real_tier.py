@@ -25,7 +25,6 @@ split), and :func:`evaluate`.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import os
