@@ -39,7 +39,8 @@ import setup_real_tier  # noqa: E402
 METHODS = [
     ("peft_lora", "peft", {}),
     ("pyflex_lora", "lora", {}),
-    ("pyflex_lora_s", "lora_s", {"tau_alpha": 100.0}),
+    ("pyflex_lora_s", "lora_s", {}),                                   # pyflex's defaults: τ lr 0.4 × lr
+    ("pyflex_lora_s_target", "lora_s", {"target_sparsity": 0.5}),
     ("ist_paper", "ist", {"mode": "paper"}),
     ("ist_official", "ist", {"mode": "official"}),
     ("lift", "lift", {"order": "random"}),

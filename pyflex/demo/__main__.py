@@ -10,6 +10,7 @@ What it does, with nothing downloaded:
    ============  ==========================================================================================
    pyflex_lora   ``pyflex.patch_model`` LoRA (r=8, α=16) on q,k,v,o,gate,up,down
    pyflex_tau    the same plus the PEFT_S token mask (trainable τ per layer, ``pyflex.tau_param_groups``)
+   pyflex_tau_target  the same with ``target_sparsity=0.5``: τ steered to mask half the tokens (beyond the paper)
    ist           pyflex LoRA + ``ImportanceSchedule`` (IST: 25% of the layers train per step)
    lift          pyflex LoRA + ``LiftSchedule`` (LIFT: one block at a time, front to end)
    hlpt          ``apply_hlpt(variant="hlpt")``: gated LoRA on down_proj (bottom 3/4) + gated prefix (top 1/4)
@@ -88,6 +89,7 @@ class DemoConfig:
     # PEFT_S τ: None = pyflex's default τ lr, 0.4 × lr (tau_alpha · 4e-5 when given; the paper's α·s is 1 · 4e-5)
     tau_alpha: Optional[float] = None
     lam: float = 1e-4
+    target_sparsity: float = 0.5
     seed: int = 0
     device: str = "auto"
 
@@ -98,7 +100,7 @@ class DemoConfig:
     def method_options(self) -> MethodOptions:
         """What the method table's builds read (pyflex/demo/methods.py)."""
         return MethodOptions(r=self.r, alpha=self.alpha, lr=self.lr, seed=self.seed, total_steps=self.adapt_steps,
-                             tau0=0.0, lam=self.lam, tau_alpha=self.tau_alpha)
+                             tau0=0.0, lam=self.lam, tau_alpha=self.tau_alpha, target_sparsity=self.target_sparsity)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,6 +362,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau-alpha", type=float, default=None,
                    help="pyflex_tau: τ learning rate = tau_alpha × 4e-5 (paper: 1; default: pyflex's, 0.4 × --lr)")
     p.add_argument("--lam", type=float, default=None, help="pyflex_tau: PEFT_S λ (demo default 1e-4)")
+    p.add_argument("--target-sparsity", type=float, default=None,
+                   help="pyflex_tau_target: fraction of tokens τ is steered to mask (default 0.5)")
     p.add_argument("--pretrain-task", choices=list(TASKS), default=None)
     p.add_argument("--adapt-task", choices=list(TASKS), default=None)
     return p.parse_args(argv)
@@ -369,7 +373,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     cfg.device, cfg.seed = args.device, args.seed
     for attr in ("pretrain_steps", "adapt_steps", "batch_size", "lr", "pretrain_task", "adapt_task", "tau_alpha",
-                 "lam"):
+                 "lam", "target_sparsity"):
         value = getattr(args, attr)
         if value is not None:
             setattr(cfg, attr, value)

@@ -47,6 +47,7 @@ class MethodOptions:
     tau0: float = 0.0
     lam: Optional[float] = None
     tau_alpha: Optional[float] = None
+    target_sparsity: float = 0.5          # pyflex_tau_target's fraction of tokens to mask
 
 
 @dataclass
@@ -204,16 +205,21 @@ def build_pyflex_lora_fused(model, options: MethodOptions) -> MethodSetup:
                        notes="fused " + ", ".join(k for k in ("rms_norm", "swiglu", "cross_entropy") if fused.get(k)))
 
 
-def build_pyflex_tau(model, options: MethodOptions) -> MethodSetup:
-    from pyflex.model.optim import tau_param_groups
+def _build_pyflex_tau(target: bool):
+    def build(model, options: MethodOptions) -> MethodSetup:
+        from pyflex.model.optim import tau_param_groups
 
-    tau_kwargs = {} if options.lam is None else {"lam": options.lam}
-    _patch(model, options, tau=True, tau0=options.tau0, **tau_kwargs)
-    group_kwargs = {} if options.tau_alpha is None else {"tau_alpha": options.tau_alpha}
-    groups = tau_param_groups(model, lr=options.lr, weight_decay=0.0, **group_kwargs)
-    lam = "default" if options.lam is None else f"{options.lam:g}"
-    return MethodSetup(model, torch.optim.AdamW(groups), tau=True,
-                       notes=f"τ lr {groups[-1]['lr']:.0e}, λ {lam}, τ0 {options.tau0:g}")
+        if target:
+            tau_kwargs, what = {"target_sparsity": options.target_sparsity}, f"target {options.target_sparsity:.0%}"
+        else:
+            tau_kwargs = {} if options.lam is None else {"lam": options.lam}
+            what = "λ " + ("default" if options.lam is None else f"{options.lam:g}")
+        _patch(model, options, tau=True, tau0=options.tau0, **tau_kwargs)
+        group_kwargs = {} if options.tau_alpha is None else {"tau_alpha": options.tau_alpha}
+        groups = tau_param_groups(model, lr=options.lr, weight_decay=0.0, **group_kwargs)
+        return MethodSetup(model, torch.optim.AdamW(groups), tau=True,
+                           notes=f"τ lr {groups[-1]['lr']:.1e}, {what}, τ0 {options.tau0:g}")
+    return build
 
 
 def build_ist(model, options: MethodOptions) -> MethodSetup:
@@ -301,7 +307,9 @@ METHODS: Dict[str, Method] = _rows(
            "pyflex LoRA + pyflex.fuse_model_ops (liger-kernel RMSNorm, SwiGLU, fused linear CE)",
            build_pyflex_lora_fused, requires="liger_kernel", cuda_only=True),
     Method("pyflex_tau", "pyflex LoRA + τ", "pyflex LoRA + the PEFT_S τ mask (trainable τ per layer, "
-           "pyflex.tau_param_groups)", build_pyflex_tau),
+           "pyflex.tau_param_groups)", _build_pyflex_tau(target=False)),
+    Method("pyflex_tau_target", "pyflex LoRA + τ, target", "pyflex LoRA + τ steered to a target sparsity "
+           "(patch_model(target_sparsity=0.5), beyond the paper)", _build_pyflex_tau(target=True)),
     Method("ist", "IST", "pyflex LoRA + ImportanceSchedule (IST: 25% of the layers train per step)", build_ist),
     Method("lift_f2e", "LIFT front2end", "pyflex LoRA + LiftSchedule (one block at a time, front to end)",
            _build_lift("front2end")),
@@ -320,7 +328,8 @@ METHODS: Dict[str, Method] = _rows(
 ALIASES: Dict[str, str] = {"lift": "lift_f2e", "peft_lora": "peft"}
 
 # what each tool runs by default
-DEMO_METHODS: Tuple[str, ...] = ("pyflex_lora", "pyflex_tau", "ist", "lift", "hlpt", "h2lpt", "peft_lora")
+DEMO_METHODS: Tuple[str, ...] = ("pyflex_lora", "pyflex_tau", "pyflex_tau_target", "ist", "lift", "hlpt", "h2lpt",
+                                 "peft_lora")
 PROFILE_METHODS: Tuple[str, ...] = ("hf_floor", "peft", "peft_bf16", "pyflex_lora", "pyflex_lora_norecompute",
                                     "pyflex_tau", "ist", "lift_f2e", "lift_e2f", "hlpt", "h2lpt",
                                     "pyflex_lora_fused")

@@ -24,6 +24,7 @@ STYLES: Dict[str, dict] = {
     "pyflex_lora_norecompute": dict(color="#6baed6", linestyle="--", marker="o"),
     "pyflex_lora_fused": dict(color="#08306b", linestyle="-.", marker="o"),
     "pyflex_tau": dict(color="#ff7f0e", linestyle="-", marker="s"),
+    "pyflex_tau_target": dict(color="#ffbb78", linestyle="--", marker="s"),
     "ist": dict(color="#2ca02c", linestyle="-", marker="^"),
     "lift_f2e": dict(color="#d62728", linestyle="-", marker="v"),
     "lift_e2f": dict(color="#f28e8e", linestyle="--", marker="v"),

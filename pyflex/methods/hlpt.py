@@ -37,7 +37,8 @@ from typing import List, Optional, Tuple
 from torch import nn
 
 from pyflex.layers.linear import default_adapter_dtype
-from pyflex.methods.prefix import GatedPrefix, PooledGate, attach_prefix, enable_prefix_attention
+from pyflex.methods.prefix import (GatedPrefix, PooledGate, attach_prefix, enable_prefix_attention,
+                                   remove_gates_and_prefixes)
 from pyflex.layers.token_context import install_token_context
 
 VARIANTS = ("hlpt", "h2lpt")
@@ -154,7 +155,7 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
     """
     from pyflex.model.registry import REGISTRY_ATTR
     from pyflex.model.families import family_spec, resolve_layers
-    from pyflex.model.patch import get_registry, patch_model
+    from pyflex.model.patch import get_registry, patch_model, register_plan_remover
 
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported; allowed: {', '.join(VARIANTS)}")
@@ -229,7 +230,15 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
             for p in prefix.parameters():
                 p.requires_grad_(True)
 
+    register_plan_remover(HLPTPlan, remove_hlpt)
     model.pyflex_plan = HLPTPlan(variant=variant, num_layers=L, lora_layers=lora_layers, prefix_layers=prefix_layers,
                                  r=r, alpha=float(alpha), prefix_len=prefix_len, base_attention=base or "unchanged",
                                  gated=gated, gate_input=gate_input, gate_pooling=gate_pooling)
     return model
+
+
+def remove_hlpt(model: nn.Module) -> None:
+    """Remove what :func:`apply_hlpt` added beyond :func:`pyflex.patch_model` (gates' hooks, prefixes, the prefix
+    attention implementation, ``model.pyflex_plan``); :func:`pyflex.unpatch` calls it, then removes the patch."""
+    remove_gates_and_prefixes(model)
+    model.__dict__.pop("pyflex_plan", None)

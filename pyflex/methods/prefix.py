@@ -49,6 +49,7 @@ ATTN_IMPLEMENTATION = "pyflex_prefix"              # delegates to sdpa
 ATTN_IMPLEMENTATION_EAGER = "pyflex_prefix_eager"  # delegates to the model's eager attention
 IMPLEMENTATIONS = {"sdpa": ATTN_IMPLEMENTATION, "eager": ATTN_IMPLEMENTATION_EAGER}
 PREFIX_ATTR = "pyflex_prefix"  # attribute of the attention module that holds its GatedPrefix
+_ATTN_BEFORE_ATTR = "_pyflex_attn_before_prefix"  # on the model: its attention implementation before the prefix plan
 POOLINGS = ("causal", "sequence")
 
 __all__ = ["ATTN_IMPLEMENTATION", "ATTN_IMPLEMENTATION_EAGER", "POOLINGS", "PooledGate", "GatedPrefix",
@@ -398,18 +399,42 @@ def register_prefix_attention() -> None:
         _registered = True
 
 
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.config._attn_implementation = name
+
+
 def enable_prefix_attention(model: nn.Module) -> str:
     """Switch ``model`` to the prefix attention; returns the base implementation it delegates to: ``"eager"`` when
     the model ran eager attention, else ``"sdpa"`` (flash/flex kernels cannot take the extended mask, so a model on
-    one of them runs sdpa from here on)."""
+    one of them runs sdpa from here on). The implementation it had is kept for :func:`remove_gates_and_prefixes`."""
     register_prefix_attention()
     current = getattr(model.config, "_attn_implementation", None) or "sdpa"
     bases = {name: base for base, name in IMPLEMENTATIONS.items()}
     base = bases.get(current, "eager" if current == "eager" else "sdpa")
     name = IMPLEMENTATIONS[base]
     if current != name:
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(name)
-        if getattr(model.config, "_attn_implementation", None) != name:
-            model.config._attn_implementation = name
+        model.__dict__.setdefault(_ATTN_BEFORE_ATTR, current)
+        _set_attn_implementation(model, name)
     return base
+
+
+def _drop_pre_hooks(module: nn.Module, is_ours: Callable[[Callable], bool]) -> None:
+    for key in [k for k, hook in module._forward_pre_hooks.items() if is_ours(hook)]:
+        del module._forward_pre_hooks[key]
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def remove_gates_and_prefixes(model: nn.Module) -> None:
+    """Undo what the prefix plan added to ``model``: every attention module's prefix and its pre-hook, every gate's
+    observing pre-hook, and the prefix attention implementation (back to the one the model had). Found by type, so
+    it works on a deep copy of the model too."""
+    for module in model.modules():
+        if isinstance(getattr(module, PREFIX_ATTR, None), GatedPrefix):
+            delattr(module, PREFIX_ATTR)
+        _drop_pre_hooks(module, lambda hook: hook is _attention_pre_hook or isinstance(hook, _ObserveInput))
+    before = model.__dict__.pop(_ATTN_BEFORE_ATTR, None)
+    if before is not None:
+        _set_attn_implementation(model, before)

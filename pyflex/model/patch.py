@@ -8,7 +8,7 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -485,15 +485,32 @@ def _common_prefix(block_names: List[str]) -> str:
     return block_names[0].rpartition(".")[0] if block_names else ""
 
 
+# plan type name → function that removes what the plan added beyond patch_model (registered by the plan's module)
+_PLAN_REMOVERS: Dict[str, Callable[[nn.Module], None]] = {}
+
+
+def register_plan_remover(plan_type: type, remove: Callable[[nn.Module], None]) -> None:
+    """Make :func:`unpatch` call ``remove(model)`` for a model whose ``pyflex_plan`` is a ``plan_type``."""
+    _PLAN_REMOVERS[plan_type.__name__] = remove
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Put the original nn.Linear / Conv1D modules back (same objects, same weights), drop the adapters and the
     registry, and restore every base parameter's original ``requires_grad``. Returns ``model``.
 
-    Adapters that plans registered outside FlexLinear (e.g. prefixes) are dropped from the registry only;
-    the plan that added them removes them. Modules to save keep their (trained) values.
+    A plan applied on top of the patch (``model.pyflex_plan``, e.g. HLPT's gates and prefixes and its attention
+    implementation) is removed too, so the model computes its base model again. Modules to save keep their
+    (trained) values.
     """
     model = _unwrap(model)
     registry = get_registry(model)
+    plan = getattr(model, "pyflex_plan", None)
+    if plan is not None:
+        remove_plan = _PLAN_REMOVERS.get(type(plan).__name__)
+        if remove_plan is None:
+            raise RuntimeError(f"the model carries a {type(plan).__name__} (model.pyflex_plan) that unpatch does not "
+                               "know how to remove; import the module that applied it first")
+        remove_plan(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, FlexLinear):
             base = module.base_module

@@ -40,6 +40,8 @@ def test_every_method_present_and_learning(quick_run):
         assert r["train_seconds"] > 0
         assert r["trainable_params"] > 0
     assert payload["results"]["pyflex_tau"]["tau_sparsity_final"] is not None
+    assert payload["results"]["pyflex_tau_target"]["tau_sparsity_final"] is not None
+    assert "target 50%" in payload["results"]["pyflex_tau_target"]["notes"]
     # every method starts from the same pre-trained model; LoRA starts with B = 0, so the LoRA methods start from
     # exactly its loss (HLPT's prefixes change the output from step 0)
     starts = {round(r["eval_loss_start"], 5) for n, r in payload["results"].items()

@@ -326,3 +326,54 @@ def test_gates_and_prefixes_are_fp32_master_weights_on_16_bit_bases(dtype):
     assert all(p.dtype == torch.float32 for _, p in trainable), [(n, p.dtype) for n, p in trainable]
     logits = model(input_ids=tokens(batch=2, seq=5)).logits
     assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+# -- unpatch ----------------------------------------------------------------------------------------------------
+def _hooks(model):
+    return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("family, impl, gate_input", [
+    *[(f, "eager", "ffn_input") for f in FAMILIES],
+    ("llama", "sdpa", "ffn_input"), ("llama", "eager", "down_proj_input"), ("bert", "sdpa", "down_proj_input")])
+def test_unpatch_after_hlpt_gives_back_the_base_model(family, impl, gate_input):
+    """pyflex.unpatch after apply_hlpt (trained-looking gates and prefixes): the same logits as before patching, bit
+    for bit, no prefix or gate left (parameters, submodules, hooks), the attention implementation it had; HLPT can
+    then be applied again. Before the fix unpatch left the prefixes in place (logits off by ~0.1)."""
+    model = tiny_model(family, layers=4).eval()
+    model.set_attn_implementation(impl)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    names, hooks = [n for n, _ in model.named_parameters()], _hooks(model)
+    apply_hlpt(model, counts=(2, 2), prefix_len=3, gate_input=gate_input)
+    with torch.no_grad():
+        for p in pyflex.get_registry(model).adapter_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype) * 0.3)
+        assert not torch.equal(model(input_ids=ids).logits, want)
+    pyflex.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+    assert [n for n, _ in model.named_parameters()] == names and _hooks(model) == hooks
+    assert not any(isinstance(m, (GatedPrefix, PooledGate, FlexLinear)) for m in model.modules())
+    assert model.config._attn_implementation == impl and not hasattr(model, "pyflex_plan")
+    apply_hlpt(model, counts=(2, 2), prefix_len=3, gate_input=gate_input)   # a clean model again
+    assert model.pyflex_plan.prefix_layers == [2, 3]
+
+
+def test_unpatch_of_a_deep_copied_hlpt_model_leaves_the_original_alone():
+    import copy
+
+    model = tiny_model("llama", layers=4).eval()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    apply_hlpt(model, counts=(2, 2), prefix_len=3)
+    with torch.no_grad():
+        for p in pyflex.get_registry(model).adapter_parameters():
+            p.add_(0.2)
+        hlpt_logits = model(input_ids=ids).logits
+    copied = pyflex.unpatch(copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(copied(input_ids=ids).logits, want)
+        assert torch.equal(model(input_ids=ids).logits, hlpt_logits)

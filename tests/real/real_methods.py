@@ -116,13 +116,15 @@ def m_lora(model, cfg, seed=0):
 
 
 def m_lora_s(model, cfg, seed=0, tau_alpha: Optional[float] = None, lam: Optional[float] = None,
-             tau_s: Optional[float] = None, target_sparsity: Optional[float] = None):
+             tau_s: Optional[float] = None, target_sparsity: Optional[float] = None,
+             tau_lr_ratio: Optional[float] = None):
     """LoRA_S. ``tau_alpha``/``tau_s``/``lam`` None: pyflex's defaults (whatever they are at the time);
     ``target_sparsity``: τ steered to that fraction of masked tokens (no λ)."""
     torch.manual_seed(seed)
     kw = {k: v for k, v in (("lam", lam), ("target_sparsity", target_sparsity)) if v is not None}
     pyflex.patch_model(model, r=cfg.r, alpha=cfg.alpha, target_modules=TARGETS, tau=True, **kw)
-    tau_kw = {k: v for k, v in (("tau_alpha", tau_alpha), ("tau_s", tau_s)) if v is not None}
+    tau_kw = {k: v for k, v in (("tau_alpha", tau_alpha), ("tau_s", tau_s), ("tau_lr_ratio", tau_lr_ratio))
+              if v is not None}
     opt = _adamw(model, cfg, **tau_kw)
     tau_lr = [g["lr"] for g in opt.param_groups if g.get("name") != "pyflex_params"]
     return Setup(model, opt, notes=f"τ lr {tau_lr[0]:.0e}" if tau_lr else "")

@@ -3,6 +3,7 @@ importance does, on the real tier (SmolLM2-135M-Instruct, fortunes, CPU).
 
     python tests/real/study_real_tier.py tau [--steps 40] [--alphas 1,10,30,100]
     python tests/real/study_real_tier.py ist [--steps 200] [--modes paper,official]
+    python tests/real/study_real_tier.py target [--steps 40] [--targets 0.5] [--ratios 0.4,2]
 
 ``tau``: LoRA_S runs with τ step α·s for each α (s = 4e-5), instrumented at every step, after backward and before
 the optimizer step: per τ-masked module, the two parts of τ's gradient (eq. 17) — the μ part Σ_i 1[(μ_i≥0)=m_i]·μ_i
@@ -93,7 +94,7 @@ def study_tau(tier, alphas, steps, lam=None, every=1):
                 g = m.tau.grad
                 mu_part.append(0.0 if g is None else -float(g))      # backward leaves τ.grad = −Σ agree·μ
                 count = m.tau_count_sink.grad
-                lam_part.append(0.0 if count is None else m.lam * float(count))
+                lam_part.append(0.0 if count is None else m.lam * float(count[0]))  # (active, real) tokens
                 tau_now.append(float(m.tau))
                 if name in probe.mu:
                     mu = probe.mu[name]
@@ -138,6 +139,38 @@ def study_tau(tier, alphas, steps, lam=None, every=1):
               f"|Σμ| {last['mu_part_abs_mean']:.2e} vs λ·count {last['lam_part_mean']:.2e}; per-token |μ| "
               f"{last['mu_token_abs_mean']:.2e} vs λ {lam_value:.1e}; |Δτ|/lr {last.get('dtau_over_lr', float('nan')):.2f}"
               f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return results
+
+
+def study_target(tier, targets, ratios, steps):
+    """LoRA_S with ``target_sparsity``: per step the mean and spread over modules of the training sparsity, and
+    the held-out sparsity per module at the end."""
+    cfg = tier.cfg
+    results = {}
+    for target in targets:
+        for ratio in ratios:
+            t0 = time.perf_counter()
+            setup_ = R.m_lora_s(tier.fresh(), cfg, seed=0, target_sparsity=target, tau_lr_ratio=ratio)
+            mods = [m for m in setup_.model.modules() if isinstance(m, pyflex.FlexLinear) and m.tau is not None]
+            log = []
+
+            def on_step(step, run, mods=mods, log=log):
+                per = sorted(m.last_sparsity for m in mods)
+                log.append({"step": step, "mean": statistics.fmean(per), "q10": per[len(per) // 10],
+                            "median": per[len(per) // 2], "q90": per[(9 * len(per)) // 10],
+                            "tau_mean": statistics.fmean(float(m.tau) for m in mods)})
+            run = R.train(setup_, tier.train, cfg, steps=steps, name=f"target {target} ratio {ratio}",
+                          on_step=on_step, evaluate_on=tier.heldout)
+            key = f"{target}/{ratio}"
+            results[key] = {"target": target, "tau_lr_ratio": ratio, "steps": steps, "log": log,
+                            "heldout_loss": run.heldout_loss, "heldout_sparsity": run.heldout_sparsity,
+                            "seconds": time.perf_counter() - t0}
+            at = {k: round(log[k - 1]["mean"], 3) for k in (10, 20, 30, 40, 60, 80, 120) if k <= len(log)}
+            last = log[-1]
+            print(f"target {target:.0%}, τ lr {ratio:g} × lr: held-out {run.heldout_loss:.4f}, held-out sparsity "
+                  f"{run.heldout_sparsity:.1%}; training sparsity (mean over modules) by step {at}; last step "
+                  f"q10/median/q90 over modules {last['q10']:.2f}/{last['median']:.2f}/{last['q90']:.2f}"
+                  f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     return results
 
 
@@ -189,21 +222,26 @@ def study_ist(tier, modes, steps, seed=0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["tau", "ist"])
+    ap.add_argument("what", choices=["tau", "ist", "target"])
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--alphas", default="1,10,30,100")
     ap.add_argument("--lam", type=float, default=None)
     ap.add_argument("--modes", default="paper,official,random")
+    ap.add_argument("--targets", default="0.5")
+    ap.add_argument("--ratios", default="0.4,2", help="target: τ lr as multiples of the adapters' lr")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
-    steps = args.steps or (40 if args.what == "tau" else 200)
+    steps = args.steps or (200 if args.what == "ist" else 40)
     cfg = R.RealConfig()
     cfg.steps = steps
     tier = R.load_tier(cfg)
     print(f"untrained held-out loss {tier.base_loss:.4f}; {R.env_line()}", flush=True)
     if args.what == "tau":
         res = study_tau(tier, [float(a) for a in args.alphas.split(",")], steps, lam=args.lam)
+    elif args.what == "target":
+        res = study_target(tier, [float(t) for t in args.targets.split(",")],
+                           [float(r) for r in args.ratios.split(",")], steps)
     else:
         res = study_ist(tier, args.modes.split(","), steps, seed=args.seed)
     os.makedirs(OUT, exist_ok=True)
