@@ -35,8 +35,8 @@ class MethodOptions:
     """The hyper-parameters every method's build reads (one run's shared settings).
 
     ``total_steps`` is the number of training steps the run will take (LIFT spreads its blocks over them).
-    ``lam`` / ``tau_alpha`` left at None use pyflex's defaults (λ: ``pyflex.model.patch.DEFAULT_LAM``; τ lr: 0.4 × lr,
-    ``pyflex.lora.tau.TAU_LR_RATIO``).
+    ``lam`` / ``tau_alpha`` left at None use pyflex's defaults (λ: ``pyflex.model.patch.DEFAULT_LAM``; τ lr:
+    ``pyflex.tau_param_groups``'s, 0.4 × lr, 2 × lr with a target sparsity).
     """
     r: int = 8
     alpha: float = 16.0

@@ -63,7 +63,7 @@ from pyflex.lora import tau_lambda
 from pyflex.lora.tau import TAU_BETAS, TAU_EPS, TAU_GROUP_NAME, is_tau_rule_group, resolve_tau_lr
 from pyflex.methods.ist import ImportanceSchedule
 from pyflex.methods.lift import LiftSchedule
-from pyflex.model.optim import clip_grad_norm_, has_fsdp1, tau_parameters
+from pyflex.model.optim import clip_grad_norm_, default_tau_lr_ratio, has_fsdp1, tau_parameters
 from pyflex.model.patch import is_patched
 
 SCHEDULE_FILE = "pyflex_schedule.pt"
@@ -89,7 +89,8 @@ class PyflexCallback(TrainerCallback):
         resume_from: checkpoint directory to restore from; default: ``checkpoint-<global_step>`` under
             ``args.output_dir`` (or ``args.resume_from_checkpoint`` when it is a path).
         tau_lr, tau_lr_ratio, tau_alpha, tau_s: τ's lr, one way at most (as :func:`pyflex.tau_param_groups`):
-            default 0.4 × the Trainer's current lr; ``tau_lr_ratio`` × that lr; ``tau_lr`` or α·s (constant).
+            default 0.4 × the Trainer's current lr (2 × with a target sparsity); ``tau_lr_ratio`` × that lr;
+            ``tau_lr`` or α·s (constant).
         tau_betas, tau_eps: τ's Adam betas (PEFT_S's (0.9, 0.98)) and ε.
 
     Attributes:
@@ -103,8 +104,9 @@ class PyflexCallback(TrainerCallback):
                  tau_lr_ratio: Optional[float] = None, tau_alpha: Optional[float] = None,
                  tau_s: Optional[float] = None, tau_betas: Tuple[float, float] = TAU_BETAS, tau_eps: float = TAU_EPS):
         # tau_lr: the absolute lr, or None when τ's lr is tau_lr_ratio × the Trainer's lr at each step
-        self.tau_lr, relative = resolve_tau_lr(None, tau_lr, tau_alpha, tau_s, tau_lr_ratio)
-        self.tau_lr_ratio = resolve_tau_lr(1.0, tau_lr_ratio=tau_lr_ratio)[0] if relative else None
+        # (tau_lr_ratio None: the model's default, known at on_train_begin)
+        self.tau_lr, _ = resolve_tau_lr(None, tau_lr, tau_alpha, tau_s, tau_lr_ratio)
+        self.tau_lr_ratio = tau_lr_ratio
         self.schedule = schedule
         self.importance_dataloader = importance_dataloader
         self.resume_from = resume_from
@@ -154,6 +156,8 @@ class PyflexCallback(TrainerCallback):
                  if is_tau_rule_group(inner, g, self.tau_betas) for p in g["params"]}
         self._taus = [t for t in tau_parameters(model) if id(t) not in ruled]
         if self._taus:
+            if self.tau_lr is None and self.tau_lr_ratio is None:
+                self.tau_lr_ratio = default_tau_lr_ratio(model)
             lr = self.tau_lr if self.tau_lr is not None else self.tau_lr_ratio * args.learning_rate
             self.tau_optimizer = torch.optim.Adam([{"params": self._taus, "name": TAU_GROUP_NAME}], lr=lr,
                                                   betas=self.tau_betas, eps=self.tau_eps, weight_decay=0.0)

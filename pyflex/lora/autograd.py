@@ -379,9 +379,9 @@ def flex_lora(x, weight, bias, lora_A, lora_B, scale, *, tau=None, coef=None, la
             neither term of τ's gradient; their outputs are computed as usual.
         count_sink: (2,) floating leaf tensor that requires grad, or None. When given, the λ term is left out of
             τ's gradient and the sink's gradient receives instead (the number of real tokens whose delta was
-            applied, Σ m_i; the number of real tokens). The λ term is a count, not a gradient of the loss: a caller that scales or averages gradients
-            (GradScaler, DDP) adds −λ·count to τ.grad itself at the optimizer step (pyflex/lora/tau_lambda.py does
-            this for FlexLinear).
+            applied, Σ m_i; the number of real tokens). The λ term is a count, not a gradient of the loss: a
+            caller that scales or averages gradients (GradScaler, DDP) adds −λ·Σ m_i to τ.grad itself at the
+            optimizer step (pyflex/lora/tau_lambda.py does this for FlexLinear).
         return_mask: also return the bool mask (...,), True where the delta was applied.
 
     Returns:

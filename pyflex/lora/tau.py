@@ -29,18 +29,23 @@ TAU_S = 4e-5
 # ratios ρ τ must reach grow as fast as the adapters train, so the ratio, not α·s, carries over between fine-tunes
 # of different lengths and lrs (docs/real_tier.md, "τ (PEFT_S)").
 TAU_LR_RATIO = 0.4
+# With a target sparsity τ is a quantile tracker (pyflex/lora/tau_lambda.py): it must climb from τ0 = 0 to the
+# ratios' quantile within the run, and overshoot corrects itself, so its default lr is larger. Measured on the real
+# tier (40 steps, target 50 %): ratio 0.4 → 36 % masked (still climbing), 1 → 46 %, 2 → 49 % (docs/real_tier.md).
+TAU_TARGET_LR_RATIO = 2.0
 TAU_BETAS = (0.9, 0.98)
 TAU_EPS = 1e-8
 TAU_GROUP_NAME = "pyflex_tau"  # the "name" of the param group tau_param_groups and PyflexCallback give τ
 
 
 def resolve_tau_lr(lr: Optional[float], tau_lr: Optional[float] = None, tau_alpha: Optional[float] = None,
-                   tau_s: Optional[float] = None, tau_lr_ratio: Optional[float] = None) -> Tuple[float, bool]:
+                   tau_s: Optional[float] = None, tau_lr_ratio: Optional[float] = None,
+                   default_ratio: float = TAU_LR_RATIO) -> Tuple[float, bool]:
     """τ's Adam lr and whether it is relative to the adapters' ``lr``: (value, relative).
 
     One way at a time: ``tau_lr`` (absolute); ``tau_alpha`` and/or ``tau_s`` (the paper's α·s, the one left out at
     the paper's value: ``tau_s=4e-5`` is PEFT_S exactly); ``tau_lr_ratio`` × ``lr``; none of them:
-    :data:`TAU_LR_RATIO` × ``lr``. A relative lr needs ``lr`` (None → the value is None, to be given later)."""
+    ``default_ratio`` × ``lr`` (:data:`TAU_LR_RATIO`, or :data:`TAU_TARGET_LR_RATIO` for target-sparsity τs). A relative lr needs ``lr`` (None → the value is None, to be given later)."""
     given = {k: v for k, v in (("tau_lr", tau_lr), ("tau_alpha", tau_alpha), ("tau_s", tau_s),
                                ("tau_lr_ratio", tau_lr_ratio)) if v is not None}
     for arg, value in given.items():
@@ -58,7 +63,7 @@ def resolve_tau_lr(lr: Optional[float], tau_lr: Optional[float] = None, tau_alph
     if tau_alpha is not None or tau_s is not None:
         alpha = TAU_ALPHA if tau_alpha is None else float(tau_alpha)
         return alpha * (TAU_S if tau_s is None else float(tau_s)), False
-    ratio = float(tau_lr_ratio if tau_lr_ratio is not None else TAU_LR_RATIO)
+    ratio = float(tau_lr_ratio if tau_lr_ratio is not None else default_ratio)
     return (None if lr is None else ratio * float(lr)), True
 
 

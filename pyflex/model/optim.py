@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from pyflex.layers.linear import FlexLinear
-from pyflex.lora.tau import TAU_BETAS, TAU_EPS, TAU_GROUP_NAME, _is_tau_name, is_tau, resolve_tau_lr
+from pyflex.lora.tau import (TAU_BETAS, TAU_EPS, TAU_GROUP_NAME, TAU_LR_RATIO, TAU_TARGET_LR_RATIO, _is_tau_name,
+                             is_tau, resolve_tau_lr)
 
 
 def tau_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -30,6 +31,16 @@ def tau_parameters(model: nn.Module) -> List[nn.Parameter]:
             param._pyflex_tau = True
             out.append(param)
     return out
+
+
+def default_tau_lr_ratio(model: nn.Module) -> float:
+    """τ's default lr as a multiple of the adapters' lr for ``model``: 0.4 (PEFT_S with λ), or 2 when its τ-masked
+    layers steer to a target sparsity (pyflex/lora/tau.py). A model that mixes both needs an explicit τ lr."""
+    modes = {m.target_sparsity is not None for m in model.modules() if isinstance(m, FlexLinear) and m.tau is not None}
+    if len(modes) > 1:
+        raise ValueError("the model has τ layers with a target sparsity and τ layers trained with λ, whose default τ "
+                         "lrs differ; give τ's lr explicitly (tau_lr= or tau_lr_ratio=)")
+    return TAU_TARGET_LR_RATIO if modes == {True} else TAU_LR_RATIO
 
 
 def _check_pyflex_model(model: nn.Module, what: str) -> None:
@@ -52,7 +63,7 @@ def tau_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *, 
     eq. 18-22) and τ's lr:
 
     * default: ``TAU_LR_RATIO`` (0.4) × ``lr``, the paper's ratio of τ's step to the adapters' lr
-      (pyflex/lora/tau.py; docs/methods.md, "PEFT_S");
+      (pyflex/lora/tau.py; docs/methods.md, "PEFT_S"); 2 × ``lr`` when the τs steer to a target sparsity;
     * ``tau_lr_ratio=q``: q × ``lr``;
     * ``tau_s=4e-5`` (and/or ``tau_alpha``): the paper's absolute α·s (α = 1, s = 4e-5 for the one left out), i.e.
       PEFT_S exactly; ``tau_alpha=100`` is 100 × 4e-5;
@@ -67,8 +78,10 @@ def tau_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *, 
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr={lr!r} is not allowed; it must be a number > 0")
-    tau_group_lr, _ = resolve_tau_lr(lr, tau_lr, tau_alpha, tau_s, tau_lr_ratio)
     _check_pyflex_model(model, "tau_param_groups")
+    given = any(v is not None for v in (tau_lr, tau_alpha, tau_s, tau_lr_ratio))
+    tau_group_lr, _ = resolve_tau_lr(lr, tau_lr, tau_alpha, tau_s, tau_lr_ratio,
+                                     default_ratio=TAU_LR_RATIO if given else default_tau_lr_ratio(model))
     taus = tau_parameters(model)
     tau_ids = {id(p) for p in taus}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in tau_ids]

@@ -269,13 +269,27 @@ def test_trainer_trains_tau_by_the_peft_s_adam_rule_and_resumes_it(tmp_path, tau
 
 
 def test_callback_tau_lr_arguments_are_checked():
-    assert PyflexCallback().tau_lr is None and PyflexCallback().tau_lr_ratio == 0.4
+    assert PyflexCallback().tau_lr is None and PyflexCallback().tau_lr_ratio is None  # the model's default, later
     assert PyflexCallback(tau_alpha=100).tau_lr == pytest.approx(4e-3)
     assert PyflexCallback(tau_lr=1e-3).tau_lr == 1e-3 and PyflexCallback(tau_lr_ratio=2).tau_lr_ratio == 2
     with pytest.raises(ValueError, match="tau_lr=0.001, tau_s=4e-05"):
         PyflexCallback(tau_lr=1e-3, tau_s=4e-5)
     with pytest.raises(ValueError, match="tau_lr_ratio=-1"):
         PyflexCallback(tau_lr_ratio=-1)
+
+
+def test_trainer_gives_target_sparsity_taus_twice_the_trainer_lr(tmp_path):
+    """With target_sparsity the default τ lr is 2 × the Trainer's lr of the step (pyflex/lora/tau.py)."""
+    model = tiny_llama(num_layers=2)
+    pyflex.patch_model(model, r=4, alpha=8, tau=True, target_sparsity=0.5)
+    callback = PyflexCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                             lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    taus = TauRecorder()
+    Trainer(model=model, args=args, train_dataset=ToyDataset(), callbacks=[callback, taus]).train()
+    assert callback.tau_lr_ratio == 2.0 and callback.tau_optimizer.param_groups[0]["lr"] == pytest.approx(2e-2)
+    assert all(float(v) > 0 for v in taus.values[0].values())  # nothing masked at first: every τ went up
 
 
 def test_trainer_without_the_callback_refuses_to_train_tau_by_its_rule(tmp_path):

@@ -131,6 +131,17 @@ def test_tau_param_groups_tau_lr(kwargs, want):
     assert (groups[1]["betas"], groups[1]["weight_decay"]) == ((0.9, 0.98), 0.0)
 
 
+def test_tau_param_groups_default_for_target_sparsity_and_mixed_models():
+    target = pyflex.patch_model(tiny_llama(num_layers=2), r=4, tau=True, target_sparsity=0.5)
+    assert pyflex.tau_param_groups(target, lr=2e-3)[1]["lr"] == pytest.approx(2 * 2e-3)       # a tracker: faster
+    assert pyflex.tau_param_groups(target, lr=2e-3, tau_lr_ratio=0.4)[1]["lr"] == pytest.approx(0.4 * 2e-3)
+    mixed = pyflex.patch_model(tiny_llama(num_layers=2), r=4, tau=True)
+    next(m for m in mixed.modules() if isinstance(m, pyflex.FlexLinear)).target_sparsity = 0.5
+    with pytest.raises(ValueError, match="give τ's lr explicitly"):
+        pyflex.tau_param_groups(mixed, lr=2e-3)
+    assert pyflex.tau_param_groups(mixed, lr=2e-3, tau_lr=1e-3)[1]["lr"] == 1e-3
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"tau_lr": 1e-3, "tau_alpha": 10.0}, "given 2 ways"),
     ({"tau_lr_ratio": 0.4, "tau_s": 4e-5}, "given 2 ways"),
