@@ -104,13 +104,16 @@ class PyflexCallback(TrainerCallback):
                  tau_lr_ratio: Optional[float] = None, tau_alpha: Optional[float] = None,
                  tau_s: Optional[float] = None, tau_betas: Tuple[float, float] = TAU_BETAS, tau_eps: float = TAU_EPS):
         # tau_lr: the absolute lr, or None when τ's lr is tau_lr_ratio × the Trainer's lr at each step
-        # (tau_lr_ratio None: the model's default, known at on_train_begin)
+        # (tau_lr_ratio given, or the model's default, settled at each on_train_begin)
         self.tau_lr, _ = resolve_tau_lr(None, tau_lr, tau_alpha, tau_s, tau_lr_ratio)
-        self.tau_lr_ratio = tau_lr_ratio
+        self._tau_lr_ratio_given = tau_lr_ratio
+        self.tau_lr_ratio: Optional[float] = tau_lr_ratio
         self.schedule = schedule
         self.importance_dataloader = importance_dataloader
         self.resume_from = resume_from
         self.resumed_from: Optional[str] = None
+        # the checkpoint pyflex.Trainer resumes from (train(resume_from_checkpoint=path)), told before on_train_begin
+        self.trainer_checkpoint: Optional[str] = None
         self.tau_betas, self.tau_eps = tuple(tau_betas), tau_eps
         self.tau_optimizer: Optional[torch.optim.Adam] = None
         self._taus: List[torch.nn.Parameter] = []
@@ -129,7 +132,7 @@ class PyflexCallback(TrainerCallback):
     def _checkpoint_dir(self, args, state) -> Optional[str]:
         if self.resume_from:
             return self.resume_from
-        candidates = []
+        candidates = [self.trainer_checkpoint] if self.trainer_checkpoint else []
         resume = getattr(args, "resume_from_checkpoint", None)
         if isinstance(resume, str) and resume:
             candidates.append(resume)
@@ -155,9 +158,11 @@ class PyflexCallback(TrainerCallback):
         ruled = {id(p) for g in (inner.param_groups if inner is not None else [])
                  if is_tau_rule_group(inner, g, self.tau_betas) for p in g["params"]}
         self._taus = [t for t in tau_parameters(model) if id(t) not in ruled]
+        self.tau_optimizer = None
         if self._taus:
-            if self.tau_lr is None and self.tau_lr_ratio is None:
-                self.tau_lr_ratio = default_tau_lr_ratio(model)
+            if self.tau_lr is None:
+                self.tau_lr_ratio = (self._tau_lr_ratio_given if self._tau_lr_ratio_given is not None
+                                     else default_tau_lr_ratio(model))
             lr = self.tau_lr if self.tau_lr is not None else self.tau_lr_ratio * args.learning_rate
             self.tau_optimizer = torch.optim.Adam([{"params": self._taus, "name": TAU_GROUP_NAME}], lr=lr,
                                                   betas=self.tau_betas, eps=self.tau_eps, weight_decay=0.0)
@@ -169,8 +174,9 @@ class PyflexCallback(TrainerCallback):
             if is_patched(model):
                 self._registry = get_registry(model)
             self._take_over_clipping(args, model)
-            if self.tau_optimizer is None:
-                self._take_over_tau(args, model, optimizer)
+            # built anew for every run, as the Trainer builds its optimizer: a callback reused for another model or
+            # another train() call must not keep the previous run's τs
+            self._take_over_tau(args, model, optimizer)
         schedule = self.schedule
         if schedule is not None:
             if optimizer is not None:
@@ -380,6 +386,8 @@ class PyflexTrainerMixin:
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        for callback in self._pyflex_callbacks():  # its schedule / τ-optimizer files are in the same checkpoint
+            callback.trainer_checkpoint = resume_from_checkpoint
         target = self.model if model is None else model
         if not (self._pyflex_owns_model_files() and is_patched(target)):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)

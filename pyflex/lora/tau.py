@@ -14,6 +14,7 @@ Adam/AdamW group of τ alone with betas (0.9, 0.98) and no weight decay — e.g.
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Optional, Tuple
 
@@ -49,7 +50,7 @@ def resolve_tau_lr(lr: Optional[float], tau_lr: Optional[float] = None, tau_alph
     given = {k: v for k, v in (("tau_lr", tau_lr), ("tau_alpha", tau_alpha), ("tau_s", tau_s),
                                ("tau_lr_ratio", tau_lr_ratio)) if v is not None}
     for arg, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{arg}={value!r} is not allowed; it must be a finite number > 0")
     ways = [way for way, on in (("tau_lr", tau_lr is not None), ("tau_alpha/tau_s", tau_alpha is not None or
                                                                   tau_s is not None),
@@ -68,8 +69,8 @@ def resolve_tau_lr(lr: Optional[float], tau_lr: Optional[float] = None, tau_alph
 
 
 def check_target_sparsity(target_sparsity, tau: bool, lam: float) -> None:
-    """A clear error unless ``target_sparsity`` is a fraction in (0, 1) asked for with τ on and λ = 0."""
-    if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) or \
+    """A clear error unless ``target_sparsity`` is a fraction in (0, 1) asked for with τ on and no λ (0 or unset)."""
+    if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, numbers.Real) or \
             not 0.0 < float(target_sparsity) < 1.0:
         raise ValueError(f"target_sparsity={target_sparsity!r} is not allowed; it must be a fraction of tokens to "
                          "mask in (0, 1), or None")

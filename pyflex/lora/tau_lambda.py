@@ -24,6 +24,7 @@ uses). With ``zero_grad(set_to_none=False)`` such a count would carry into the n
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import List
 
@@ -80,6 +81,9 @@ def add_lambda_terms(optimizer) -> None:
             torch.distributed.get_world_size() > 1:
         # DDP/FSDP average gradients over ranks; the counts are sums over all tokens of the global batch.
         torch.distributed.all_reduce(counts)
+    targets = [k for k, (_, layer, _) in enumerate(pending) if getattr(layer, "target_sparsity", None) is not None]
+    if targets:
+        _check_target_progress(optimizer, counts, [pending[k][1].target_sparsity for k in targets], targets)
     for (tau, layer, sink), (active, real) in zip(pending, counts):
         target = getattr(layer, "target_sparsity", None)
         if target is None:
@@ -89,6 +93,31 @@ def add_lambda_terms(optimizer) -> None:
             term = (1.0 - target) * real - active
             tau.grad.copy_(term.to(device=tau.grad.device, dtype=tau.grad.dtype).reshape(tau.grad.shape))
         sink.grad = None
+
+
+TARGET_CHECK_EVERY = 50  # optimizer steps between two looks at how far target-sparsity layers got (one host read)
+
+
+def _check_target_progress(optimizer, counts: torch.Tensor, wanted: List[float], rows: List[int]) -> None:
+    """Warn once per optimizer when, after a multiple of :data:`TARGET_CHECK_EVERY` steps, the target-sparsity
+    layers mask less than half of what they were asked to: τ moves by at most its lr per step, and on a model whose
+    ratios ρ are large it may not arrive within the run (the default lr is calibrated on a real model)."""
+    state = optimizer.__dict__.setdefault("_pyflex_target_check", {"steps": 0, "warned": False})
+    state["steps"] += 1
+    if state["warned"] or state["steps"] % TARGET_CHECK_EVERY:
+        return
+    got = counts[rows]
+    masked = float((1.0 - got[:, 0] / got[:, 1].clamp_min(1.0)).mean())
+    want = sum(wanted) / len(wanted)
+    if masked < 0.5 * want:
+        state["warned"] = True
+        lrs = sorted({g["lr"] for g in optimizer.param_groups
+                      if any(getattr(p, OWNER_ATTR, None) is not None for p in g["params"])})
+        warnings.warn(f"target_sparsity={want:g}: after {state['steps']} optimizer steps the τ-masked layers mask "
+                      f"{masked:.1%} of their tokens. τ moves by at most its lr ({', '.join(f'{v:.2g}' for v in lrs)})"
+                      " per step and is still below the ratios ρ of this model; give τ a larger lr "
+                      "(pyflex.tau_param_groups(..., tau_lr_ratio=...) or PyflexCallback(tau_lr_ratio=...))",
+                      stacklevel=3)
 
 
 def _add_lambda_terms(optimizer, args, kwargs) -> None:

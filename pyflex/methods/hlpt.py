@@ -37,9 +37,16 @@ from typing import List, Optional, Tuple
 from torch import nn
 
 from pyflex.layers.linear import default_adapter_dtype
-from pyflex.methods.prefix import (GatedPrefix, PooledGate, attach_prefix, enable_prefix_attention,
+from pyflex.methods.prefix import (GatedPrefix, PooledGate, attach_prefix, check_init_std, enable_prefix_attention,
                                    remove_gates_and_prefixes)
 from pyflex.layers.token_context import install_token_context
+from pyflex.model.families import family_spec, resolve_layers
+from pyflex.model.patch import get_registry, patch_model, register_plan_remover, unpatch
+from pyflex.model.registry import REGISTRY_ATTR
+
+# patch_model arguments apply_hlpt sets itself
+_PLANNED_PATCH_ARGUMENTS = frozenset({"target_modules", "layers", "config", "pyflex_config", "layers_path",
+                                      "rank_pattern", "alpha_pattern"})
 
 VARIANTS = ("hlpt", "h2lpt")
 GATE_INPUTS = ("ffn_input", "down_proj_input")
@@ -153,16 +160,21 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
     if it was ``"eager"`` (layers call the model's own eager attention, e.g. with Gemma2's softcapping), else
     ``"pyflex_prefix"`` (sdpa; a model on flash/flex attention moves to sdpa).
     """
-    from pyflex.model.registry import REGISTRY_ATTR
-    from pyflex.model.families import family_spec, resolve_layers
-    from pyflex.model.patch import get_registry, patch_model, register_plan_remover
-
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported; allowed: {', '.join(VARIANTS)}")
     if gate_input not in GATE_INPUTS:
         raise ValueError(f"gate_input={gate_input!r} is not supported; allowed: {', '.join(GATE_INPUTS)}")
     if gate_pooling not in GATE_POOLINGS:
         raise ValueError(f"gate_pooling={gate_pooling!r} is not supported; allowed: {', '.join(GATE_POOLINGS)}")
+    if not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or prefix_len < 1:
+        raise ValueError(f"prefix_len={prefix_len!r} is not allowed; it must be an int >= 1")
+    check_init_std(prefix_init_std)
+    if not isinstance(gated, bool):
+        raise ValueError(f"gated={gated!r} is not allowed; it must be True or False")
+    planned = sorted(set(patch_kwargs) & _PLANNED_PATCH_ARGUMENTS)
+    if planned:
+        raise ValueError(f"apply_hlpt decides {', '.join(planned)} itself (LoRA on the FFN down projection of the "
+                         "bottom layers); pass counts=/lora_ratio= and r=/alpha= instead, or use patch_model")
     if getattr(model, REGISTRY_ATTR, None) is not None:
         raise ValueError("apply_hlpt patches the model itself; call it on an unpatched model (it already has a "
                          "pyflex layer registry)")
@@ -190,6 +202,22 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
         gate_pooling = "causal" if causal else "sequence"
 
     patch_model(model, r=r, alpha=alpha, target_modules="ffn_down", layers=lora_layers, **patch_kwargs)
+    try:
+        _add_gates_and_prefixes(model, spec, layers, lora_layers, prefix_layers, prefix_len=prefix_len, r=r,
+                                alpha=alpha, gated=gated, gate_input=gate_input, gate_pooling=gate_pooling,
+                                prefix_init_std=prefix_init_std, variant=variant)
+    except BaseException:
+        # leave the model as it was: drop what was added, then the patch
+        remove_hlpt(model)
+        unpatch(model)
+        raise
+    return model
+
+
+def _add_gates_and_prefixes(model, spec, layers, lora_layers, prefix_layers, *, prefix_len, r, alpha, gated,
+                            gate_input, gate_pooling, prefix_init_std, variant) -> None:
+    """The part of :func:`apply_hlpt` after ``patch_model``: gates, prefixes, the plan record."""
+    attn_path, ffn_path = spec.attention_module, spec.ffn_module
     registry = get_registry(model)
     context = install_token_context(model) if gated else None
 
@@ -230,11 +258,10 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
             for p in prefix.parameters():
                 p.requires_grad_(True)
 
-    register_plan_remover(HLPTPlan, remove_hlpt)
-    model.pyflex_plan = HLPTPlan(variant=variant, num_layers=L, lora_layers=lora_layers, prefix_layers=prefix_layers,
-                                 r=r, alpha=float(alpha), prefix_len=prefix_len, base_attention=base or "unchanged",
-                                 gated=gated, gate_input=gate_input, gate_pooling=gate_pooling)
-    return model
+    model.pyflex_plan = HLPTPlan(variant=variant, num_layers=len(layers), lora_layers=lora_layers,
+                                 prefix_layers=prefix_layers, r=r, alpha=float(alpha), prefix_len=prefix_len,
+                                 base_attention=base or "unchanged", gated=gated, gate_input=gate_input,
+                                 gate_pooling=gate_pooling)
 
 
 def remove_hlpt(model: nn.Module) -> None:
@@ -242,3 +269,6 @@ def remove_hlpt(model: nn.Module) -> None:
     attention implementation, ``model.pyflex_plan``); :func:`pyflex.unpatch` calls it, then removes the patch."""
     remove_gates_and_prefixes(model)
     model.__dict__.pop("pyflex_plan", None)
+
+
+register_plan_remover(HLPTPlan, remove_hlpt)

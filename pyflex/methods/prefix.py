@@ -36,6 +36,8 @@ prefix layers; a single-token decode step, ``"sequence"`` pooling and ungated pr
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -198,6 +200,13 @@ class PooledGate(nn.Module):
             f", observes={self.observes!r}" if self.observes else "")
 
 
+def check_init_std(init_std) -> None:
+    """A clear error unless ``init_std`` (the prefixes' normal-init std) is a finite number >= 0."""
+    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not math.isfinite(init_std) \
+            or init_std < 0:
+        raise ValueError(f"prefix_init_std={init_std!r} is not allowed; it must be a finite number >= 0")
+
+
 class GatedPrefix(nn.Module):
     """Gated prefix of one attention layer (HLPT eq. 4-5).
 
@@ -216,8 +225,9 @@ class GatedPrefix(nn.Module):
         super().__init__()
         for arg, value in (("hidden_size", hidden_size), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                            ("prefix_len", prefix_len)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{arg}={value!r} is not allowed; it must be an int >= 1")
+        check_init_std(init_std)
         shape = (num_kv_heads, prefix_len, head_dim)
         self.prefix_key = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
         self.prefix_value = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)

@@ -10,6 +10,8 @@ would dominate and shrink every adapter update. :func:`clip_grad_norm_` clips ev
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -76,8 +78,8 @@ def tau_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *, 
     ``model`` must be patched by pyflex (or hold FlexLinear layers or τ parameters); on a plain model the first
     group would be the whole trainable base model, so that is an error.
     """
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr={lr!r} is not allowed; it must be a number > 0")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or not lr > 0:
+        raise ValueError(f"lr={lr!r} is not allowed; it must be a finite number > 0")
     _check_pyflex_model(model, "tau_param_groups")
     given = any(v is not None for v in (tau_lr, tau_alpha, tau_s, tau_lr_ratio))
     tau_group_lr, _ = resolve_tau_lr(lr, tau_lr, tau_alpha, tau_s, tau_lr_ratio,

@@ -292,6 +292,21 @@ def test_trainer_gives_target_sparsity_taus_twice_the_trainer_lr(tmp_path):
     assert all(float(v) > 0 for v in taus.values[0].values())  # nothing masked at first: every τ went up
 
 
+def test_one_callback_serves_two_trainers_in_turn(tmp_path):
+    """A PyflexCallback reused for a second model builds its τ optimizer for that model's τs (it used to keep the
+    first model's, so the second Trainer's AdamW met τs with gradients and raised)."""
+    callback = PyflexCallback()
+    for k, target in enumerate((None, 0.5)):
+        model = tiny_llama(num_layers=2)
+        pyflex.patch_model(model, r=4, alpha=8, tau=True, **({} if target is None else {"target_sparsity": target}))
+        before = [t.detach().clone() for t in pyflex.tau_parameters(model)]
+        _train(tmp_path / str(k), model, 2, trainer_cls=Trainer, callbacks=[callback], save_strategy="no")
+        assert {id(p) for p in callback.tau_optimizer.param_groups[0]["params"]} == \
+            {id(t) for t in pyflex.tau_parameters(model)}
+        assert callback.tau_lr_ratio == (0.4 if target is None else 2.0)
+        assert all(not torch.equal(a, b) for a, b in zip(before, pyflex.tau_parameters(model)))
+
+
 def test_trainer_without_the_callback_refuses_to_train_tau_by_its_rule(tmp_path):
     with pytest.raises(RuntimeError, match="PyflexCallback"):
         _tau_trainer(tmp_path, 1, [])
@@ -393,9 +408,12 @@ def test_checkpoints_hold_the_adapter_not_the_base_and_save_model_loads_in_pyfle
         torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_from_an_adapter_checkpoint_is_bit_exact_with_tau(tmp_path):
+@pytest.mark.parametrize("resume_into", ["same_output_dir", "another_output_dir"])
+def test_resume_from_an_adapter_checkpoint_is_bit_exact_with_tau(tmp_path, resume_into):
     """τ on: the Trainer's AdamW trains the LoRA, the default PyflexCallback trains τ by its rule; stopped at step 2
-    of 5 and resumed from the adapter-only checkpoint, every adapter parameter ends as in the uninterrupted run."""
+    of 5 and resumed from the adapter-only checkpoint, every adapter parameter ends as in the uninterrupted run —
+    also when the resumed run writes to another output_dir (pyflex.Trainer tells its callback where the checkpoint
+    is)."""
     full = _train(tmp_path, _lora_model(tau=True), 5)
     (callback,) = [cb for cb in full.callback_handler.callbacks if isinstance(cb, PyflexCallback)]
     assert callback.tau_optimizer is not None  # added by pyflex.Trainer, not by the test
@@ -405,7 +423,10 @@ def test_resume_from_an_adapter_checkpoint_is_bit_exact_with_tau(tmp_path):
     want = _adapters(full.model)
     fresh = _lora_model(tau=True)
     before = _adapters(fresh)
-    resumed = _train(tmp_path, fresh, 5, resume=str(ckpt))
+    out = tmp_path if resume_into == "same_output_dir" else tmp_path / "elsewhere"
+    resumed = _train(out, fresh, 5, resume=str(ckpt))
+    (callback,) = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, PyflexCallback)]
+    assert callback.resumed_from == str(ckpt)
     got = _adapters(resumed.model)
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     assert any(not torch.equal(got[n], before[n]) for n in want)

@@ -111,3 +111,36 @@ def test_bad_target_sparsity_is_an_error_and_leaves_the_model_alone(kwargs, matc
     assert not any(isinstance(m, pyflex.FlexLinear) for m in model.modules())
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_a_target_far_out_of_reach_warns_once():
+    """PEFT's init (lora_B = 0) and a small lr on a tiny model: the ratios ρ outgrow τ's steps, the layers mask
+    far less than asked, and after 50 steps one warning says so and names the way out (a larger τ lr)."""
+    model = pyflex.patch_model(tiny_model("llama", layers=2, seed=0), r=4, tau=True, target_sparsity=0.5,
+                               target_modules=TARGETS).train()
+    opt = torch.optim.AdamW(pyflex.tau_param_groups(model, lr=1e-3))
+    with pytest.warns(UserWarning, match=r"target_sparsity=0.5: after 50 optimizer steps .* tau_lr_ratio") as seen:
+        for step in range(100):
+            ids = tokens(batch=2, seq=8, seed=step)
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    assert len([w for w in seen if "target_sparsity" in str(w.message)]) == 1
+    assert statistics.fmean(m.last_sparsity for m in _layers(model)) < 0.25
+
+
+def test_a_target_within_reach_does_not_warn():
+    import warnings
+
+    model = _target_model(0.5)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(pyflex.tau_param_groups(model, lr=1e-2, tau_lr=0.02))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="target_sparsity")
+        for step in range(60):
+            ids = tokens(batch=4, seq=16, seed=step)
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()

@@ -377,3 +377,57 @@ def test_unpatch_of_a_deep_copied_hlpt_model_leaves_the_original_alone():
     with torch.no_grad():
         assert torch.equal(copied(input_ids=ids).logits, want)
         assert torch.equal(model(input_ids=ids).logits, hlpt_logits)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"prefix_len": 0}, "prefix_len=0 is not allowed"),
+    ({"prefix_init_std": float("nan")}, "prefix_init_std=nan is not allowed"),
+    ({"prefix_init_std": -1.0}, "prefix_init_std=-1.0 is not allowed"),
+    ({"layers": [0]}, "apply_hlpt decides layers itself"),
+    ({"target_modules": "all-linear"}, "apply_hlpt decides target_modules itself"),
+    ({"gated": "yes"}, "gated='yes' is not allowed"),
+], ids=lambda v: str(v))
+def test_bad_hlpt_arguments_are_errors_before_the_model_changes(kwargs, match):
+    model = tiny_model("llama", layers=4).eval()
+    hooks, impl = _hooks(model), model.config._attn_implementation
+    with pytest.raises(ValueError, match=match):
+        apply_hlpt(model, **kwargs)
+    assert not any(isinstance(m, FlexLinear) for m in model.modules()) and _hooks(model) == hooks
+    assert model.config._attn_implementation == impl and not hasattr(model, "pyflex_plan")
+
+
+def test_a_failure_after_patching_leaves_the_model_as_it_was(monkeypatch):
+    """An error while the prefixes are attached (after patch_model ran and the gates were hooked) rolls everything
+    back: no adapter, hook, prefix attention or registry is left, and the logits are the base model's."""
+    import pyflex.methods.hlpt as hlpt
+
+    model = tiny_model("llama", layers=4).eval()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    hooks, impl = _hooks(model), model.config._attn_implementation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+    monkeypatch.setattr(hlpt, "attach_prefix", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        apply_hlpt(model, counts=(2, 2), prefix_len=3)
+    assert not any(isinstance(m, (FlexLinear, PooledGate, GatedPrefix)) for m in model.modules())
+    assert _hooks(model) == hooks and model.config._attn_implementation == impl
+    assert not pyflex.model.patch.is_patched(model) and not hasattr(model, "pyflex_plan")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+    monkeypatch.undo()
+    apply_hlpt(model, counts=(2, 2), prefix_len=3)   # and it can be applied for real afterwards
+
+
+def test_unpatch_knows_hlpt_as_soon_as_its_module_is_imported():
+    """A model that carries an HLPTPlan but was not built in this process (torch.load of a pickled model) still
+    unpatches once pyflex.methods.hlpt is imported: the remover is registered at import, not by apply_hlpt."""
+    import subprocess
+    import sys
+
+    code = ("import pyflex.methods.hlpt, pyflex.model.patch as patch; "
+            "assert 'HLPTPlan' in patch._PLAN_REMOVERS, patch._PLAN_REMOVERS")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
