@@ -14,7 +14,7 @@ quantized tensor subclass.
 from __future__ import annotations
 
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn

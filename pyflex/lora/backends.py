@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import os
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 

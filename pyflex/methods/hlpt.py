@@ -195,10 +195,8 @@ def apply_hlpt(model: nn.Module, *, variant: str = "hlpt", lora_ratio: Optional[
         raise ValueError(f"HLPT needs at least one LoRA layer, got n_lora={n_lora} for {L} layers")
     lora_layers = list(range(n_lora))
     prefix_layers = list(range(L - n_prefix, L))
-    attn_path = spec.attention_module
-    ffn_path = spec.ffn_module
     if gate_pooling == "auto":
-        causal = bool(getattr(_get(layers[0], attn_path), "is_causal", True))
+        causal = bool(getattr(_get(layers[0], spec.attention_module), "is_causal", True))
         gate_pooling = "causal" if causal else "sequence"
 
     patch_model(model, r=r, alpha=alpha, target_modules="ffn_down", layers=lora_layers, **patch_kwargs)
