@@ -31,7 +31,6 @@ its own save-or-recompute choice for elementwise ops.
 """
 from __future__ import annotations
 
-from types import MethodType
 from typing import Callable, Optional
 
 import torch
@@ -227,6 +226,21 @@ def _gated_forward(self, x):
         return self.down_proj(h)
 
 
+class _GatedForward:
+    """The installed forward of one MLP. A callable object rather than ``MethodType(_gated_forward, mlp)``: pickle
+    stores a bound method as ``getattr(mlp, "_gated_forward")``, which the MLP class does not have, so
+    ``torch.save(model)`` / ``torch.load`` of a patched model failed; this object pickles (and deep-copies) with
+    its module."""
+    __slots__ = ("__self__",)   # named as a bound method's: the module it runs for
+    __func__ = staticmethod(_gated_forward)
+
+    def __init__(self, mlp: nn.Module):
+        self.__self__ = mlp
+
+    def __call__(self, x):
+        return _gated_forward(self.__self__, x)
+
+
 def _activation(mlp: nn.Module, kind: str):
     for name in GATED_MLP_KINDS[kind][1]:
         act = getattr(mlp, name, None)
@@ -253,11 +267,11 @@ def install_gated_mlp(mlp: nn.Module, kind: str, act_mul: Optional[Callable] = N
     or e.g. liger's fused MLP forward when that was bound in between)."""
     check_gated_mlp(mlp, kind)
     current = mlp.__dict__.get("forward")  # None: the class forward
-    if getattr(current, "__func__", None) is not _gated_forward:
+    if not isinstance(current, _GatedForward):
         # first install, or another patch (liger's fused MLP) rebound forward since: that is what to restore
         mlp._pyflex_previous_forward = current
     object.__setattr__(mlp, _INSTALLED_ATTR, (kind, act_mul))
-    mlp.forward = MethodType(_gated_forward, mlp)
+    mlp.forward = _GatedForward(mlp)
 
 
 def has_gated_mlp(mlp: nn.Module) -> bool:

@@ -190,6 +190,11 @@ class FlexLinear(nn.Module):
                 if not flag:
                     p.grad = None
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.tau is not None:  # a deep copy or an unpickled layer: route the copy's τ counts to this layer
+            tau_lambda.track(self.tau, self)
+
     @property
     def last_sparsity(self) -> Optional[float]:
         """PEFT_S eq. 23 for the last forward: fraction of tokens whose delta was not applied. None when τ is

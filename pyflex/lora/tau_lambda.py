@@ -31,7 +31,10 @@ from typing import List
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-OWNER_ATTR = "_pyflex_count_owner"  # on τ: weakref to the FlexLinear whose count sink holds its λ count
+# τ → weakref to the FlexLinear whose count sink holds its counts. A table, not an attribute of τ: a weakref in τ's
+# __dict__ would make a patched model unpicklable (torch.save(model)). A copied or unpickled layer re-registers its
+# τ (FlexLinear.__setstate__ and every eager forward call track()).
+_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _step_hook = None
 
 
@@ -43,9 +46,9 @@ def new_count_sink(device) -> torch.Tensor:
 def track(tau: torch.Tensor, layer) -> None:
     """Route ``tau``'s λ term through ``layer`` (a FlexLinear with ``lam``, ``target_sparsity`` and
     ``tau_count_sink``)."""
-    owner = getattr(tau, OWNER_ATTR, None)
+    owner = _OWNERS.get(tau)
     if owner is None or owner() is not layer:
-        setattr(tau, OWNER_ATTR, weakref.ref(layer))
+        _OWNERS[tau] = weakref.ref(layer)
     global _step_hook
     if _step_hook is None:
         _step_hook = register_optimizer_step_pre_hook(_add_lambda_terms)
@@ -56,7 +59,7 @@ def _taus_of(optimizer) -> List[torch.Tensor]:
     count = sum(len(g["params"]) for g in optimizer.param_groups)
     cached = optimizer.__dict__.get("_pyflex_taus")
     if cached is None or cached[0] != count:
-        taus = [p for g in optimizer.param_groups for p in g["params"] if getattr(p, OWNER_ATTR, None) is not None]
+        taus = [p for g in optimizer.param_groups for p in g["params"] if p in _OWNERS]
         cached = optimizer.__dict__["_pyflex_taus"] = (count, taus)
     return cached[1]
 
@@ -69,7 +72,8 @@ def add_lambda_terms(optimizer) -> None:
     see its gradient."""
     pending = []
     for tau in _taus_of(optimizer):
-        layer = getattr(tau, OWNER_ATTR)()
+        owner = _OWNERS.get(tau)
+        layer = None if owner is None else owner()
         sink = None if layer is None else layer.tau_count_sink
         if sink is not None and sink.grad is not None and tau.grad is not None:
             pending.append((tau, layer, sink))
@@ -112,7 +116,7 @@ def _check_target_progress(optimizer, counts: torch.Tensor, wanted: List[float],
     if masked < 0.5 * want:
         state["warned"] = True
         lrs = sorted({g["lr"] for g in optimizer.param_groups
-                      if any(getattr(p, OWNER_ATTR, None) is not None for p in g["params"])})
+                      if any(p in _OWNERS for p in g["params"])})
         warnings.warn(f"target_sparsity={want:g}: after {state['steps']} optimizer steps the τ-masked layers mask "
                       f"{masked:.1%} of their tokens. τ moves by at most its lr ({', '.join(f'{v:.2g}' for v in lrs)})"
                       " per step and is still below the ratios ρ of this model; give τ a larger lr "

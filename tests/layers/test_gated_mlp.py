@@ -268,3 +268,32 @@ def test_recompute_mlp_on_cuda_bf16():
         assert rms_rel(g1[name], g0[name]) <= 3e-2, name
     expected = 2 * 2 * (4 * 64) * model.config.intermediate_size * 2
     assert kept0 - kept1 >= 0.9 * expected, (kept0, kept1, expected)
+
+
+def test_a_patched_model_survives_torch_save_and_load():
+    """torch.save / torch.load of a whole patched model (gated MLP installed, τ on): the loaded model gives the same
+    logits and gradients, its MLP forward is bound to its own module, and unpatch gives the base model back. Before,
+    the installed forward was a bound method of a module-level function, which pickle cannot rebuild."""
+    import io
+
+    import pyflex
+    from tiny_models import tiny_model, tokens
+
+    base = tiny_model("llama", layers=2).eval()
+    ids = tokens(batch=2, seq=6)
+    with torch.no_grad():
+        want_base = base(input_ids=ids).logits
+    model = pyflex.patch_model(base, r=4, tau=True)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (model, loaded):
+        m(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in loaded.named_parameters() if p.grad is not None}
+    assert grads and all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters() if n in grads)
+    mlp = loaded.model.layers[0].mlp
+    assert mlp.forward.__self__ is mlp
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.equal(pyflex.unpatch(loaded)(input_ids=ids).logits, want_base)

@@ -431,3 +431,26 @@ def test_unpatch_knows_hlpt_as_soon_as_its_module_is_imported():
             "assert 'HLPTPlan' in patch._PLAN_REMOVERS, patch._PLAN_REMOVERS")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_an_hlpt_model_survives_torch_save_and_load():
+    """A whole HLPT model through torch.save / torch.load: same logits, and unpatch on the loaded copy gives the base
+    model (the remover is known, the hooks are found by type)."""
+    import io
+
+    model = tiny_model("llama", layers=4).eval()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    apply_hlpt(model, counts=(2, 2), prefix_len=3, tau=True)
+    with torch.no_grad():
+        for p in pyflex.get_registry(model).adapter_parameters():
+            p.add_(0.2)
+        hlpt_logits = model(input_ids=ids).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, hlpt_logits)
+        assert torch.equal(pyflex.unpatch(loaded)(input_ids=ids).logits, want)
