@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -88,6 +89,11 @@ def tau_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *, 
     tau_ids = {id(p) for p in taus}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in tau_ids]
     groups = [{"params": others, "lr": lr, "weight_decay": weight_decay, "name": "pyflex_params"}]
+    if given and not taus:
+        named = ", ".join(f"{k}={v!r}" for k, v in (("tau_lr", tau_lr), ("tau_lr_ratio", tau_lr_ratio),
+                                                      ("tau_alpha", tau_alpha), ("tau_s", tau_s)) if v is not None)
+        warnings.warn(f"tau_param_groups got {named} but the model has no τ (patch_model(..., tau=True) adds it); "
+                      "it is not used", stacklevel=2)
     if taus:
         groups.append({"params": taus, "lr": tau_group_lr, "betas": tuple(tau_betas), "eps": tau_eps,
                        "weight_decay": 0.0, "name": TAU_GROUP_NAME})

@@ -142,6 +142,13 @@ def test_tau_param_groups_default_for_target_sparsity_and_mixed_models():
     assert pyflex.tau_param_groups(mixed, lr=2e-3, tau_lr=1e-3)[1]["lr"] == 1e-3
 
 
+def test_tau_lr_for_a_model_without_tau_warns():
+    model = pyflex.patch_model(tiny_llama(num_layers=2), r=4)
+    with pytest.warns(UserWarning, match=r"tau_s=4e-05 but the model has no τ"):
+        groups = pyflex.tau_param_groups(model, lr=1e-3, tau_s=4e-5)
+    assert len(groups) == 1
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"tau_lr": 1e-3, "tau_alpha": 10.0}, "given 2 ways"),
     ({"tau_lr_ratio": 0.4, "tau_s": 4e-5}, "given 2 ways"),
