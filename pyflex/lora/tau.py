@@ -41,12 +41,13 @@ TAU_GROUP_NAME = "pyflex_tau"  # the "name" of the param group tau_param_groups 
 
 def resolve_tau_lr(lr: Optional[float], tau_lr: Optional[float] = None, tau_alpha: Optional[float] = None,
                    tau_s: Optional[float] = None, tau_lr_ratio: Optional[float] = None,
-                   default_ratio: float = TAU_LR_RATIO) -> Tuple[float, bool]:
+                   default_ratio: float = TAU_LR_RATIO) -> Tuple[Optional[float], bool]:
     """τ's Adam lr and whether it is relative to the adapters' ``lr``: (value, relative).
 
     One way at a time: ``tau_lr`` (absolute); ``tau_alpha`` and/or ``tau_s`` (the paper's α·s, the one left out at
     the paper's value: ``tau_s=4e-5`` is PEFT_S exactly); ``tau_lr_ratio`` × ``lr``; none of them:
-    ``default_ratio`` × ``lr`` (:data:`TAU_LR_RATIO`, or :data:`TAU_TARGET_LR_RATIO` for target-sparsity τs). A relative lr needs ``lr`` (None → the value is None, to be given later)."""
+    ``default_ratio`` × ``lr`` (:data:`TAU_LR_RATIO`, or :data:`TAU_TARGET_LR_RATIO` for target-sparsity τs).
+    A relative lr with ``lr`` None has the value None (the caller multiplies later)."""
     given = {k: v for k, v in (("tau_lr", tau_lr), ("tau_alpha", tau_alpha), ("tau_s", tau_s),
                                ("tau_lr_ratio", tau_lr_ratio)) if v is not None}
     for arg, value in given.items():
