@@ -4,7 +4,6 @@ import os
 import socket
 import sys
 import traceback
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 import pyflex
 import pyflex.model.patch
 from tiny_models import (assert_close, lm_loss, randomize_flex, reference_backend, single_thread,  # noqa: F401
-                         tiny_model, tokens)
+                         init_gloo_worker, tiny_model, tokens)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -126,10 +125,7 @@ def _global_batches():
 def _distributed_worker(rank, world, port, out_path, wrapper):
     """Train on this rank's slice of each global batch under DDP or FSDP2 and save the (full) adapter weights."""
     import torch.distributed as dist
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo_worker(rank, world, port)
     try:
         with pyflex.use_backend("reference"):
             model = _fresh()

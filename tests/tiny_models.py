@@ -1,8 +1,9 @@
-"""Tiny Hugging Face models built from configs (no hub access) and PEFT comparison helpers, shared by
-test_patch / test_io / test_compat."""
+"""Tiny Hugging Face models built from configs (no hub access), PEFT comparison helpers and random NF4 weights,
+shared by the tests."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -141,3 +142,45 @@ def tiny_classifier(family: str = "llama", num_labels: int = 3, layers: int = 3,
     config.num_labels = num_labels
     config.pad_token_id = 0  # tokens() never draws it, so each row's last token is the one classified
     return tf.AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def random_nf4(n, k, *, scales="layer", dtype=torch.float32, nested=False, blocksize=64, seed=0, device="cpu"):
+    """An NF4Weight of random codes (no bitsandbytes needed). ``scales="layer"``: scales sized like a real layer's
+    (|W| ~ 1/√K), for tolerance checks; ``"random"``: arbitrary scales and double-quant code book, for bit-exact
+    checks of the dequantization."""
+    from pyflex.lora.nf4 import NF4_CODE, NF4Weight
+
+    if scales not in ("layer", "random"):
+        raise ValueError(f"scales={scales!r}; allowed: 'layer', 'random'")
+    g = torch.Generator().manual_seed(seed)
+    numel = n * k
+    nb = math.ceil(numel / blocksize)
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), generator=g, dtype=torch.uint8)
+    kw = dict(packed=packed, code=NF4_CODE.clone(), shape=(n, k), dtype=dtype, blocksize=blocksize)
+    if nested:
+        kw["absmax"] = torch.randint(0, 256, (nb,), generator=g, dtype=torch.uint8)
+        if scales == "layer":
+            kw.update(absmax_code=torch.linspace(-1, 1, 256),
+                      absmax_scale=torch.full((math.ceil(nb / 256),), 0.5 / k ** 0.5),
+                      absmax_offset=torch.tensor(2.0 / k ** 0.5))
+        else:
+            kw.update(absmax_code=torch.randn(256, generator=g).sort().values,
+                      absmax_scale=torch.rand(math.ceil(nb / 256), generator=g) * 3,
+                      absmax_offset=torch.tensor(2.5678))  # 0-dim
+    elif scales == "layer":
+        kw["absmax"] = (torch.rand(nb, generator=g) + 1) * 2 / k ** 0.5
+    else:
+        kw["absmax"] = torch.rand(nb, generator=g) * 4
+    return NF4Weight(**kw).to(device)
+
+
+def init_gloo_worker(rank: int, world: int, port: int) -> None:
+    """Set up one spawned CPU rank for a gloo test: quiet warnings, one thread, the process group on localhost."""
+    import os
+
+    import torch.distributed as dist
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -6,15 +6,14 @@ Everything stays on CPU. K is a multiple of 64 wherever bitsandbytes' C dequanti
 wrong when K is a multiple of 16 but not of 64), and no bitsandbytes forward runs in eval mode (on AVX512-BF16 CPUs
 that repacks the weight in place into a layout dequantize_4bit cannot read).
 """
-import math
-
 import pytest
 import torch
 
 import pyflex
 from pyflex.layers.quantized import from_bnb_linear4bit
 from pyflex.lora import backends
-from pyflex.lora.nf4 import NF4_CODE, NF4Weight
+from pyflex.lora.nf4 import NF4Weight
+from tiny_models import random_nf4
 
 NAME = "model.layers.1.mlp.up_proj"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -40,21 +39,9 @@ def _bnb_dequant(bnb, m, dtype):
     return torch.ops.bitsandbytes.dequantize_4bit.default(m.weight.data, absmax, qs.blocksize, "nf4", qs.shape, dtype)
 
 
-def _random_nf4(n, k, *, dtype=torch.float32, nested=False, blocksize=64, seed=0):
-    """An NF4Weight of random bytes and scales (no bitsandbytes needed)."""
-    g = torch.Generator().manual_seed(seed)
-    numel = n * k
-    nb = math.ceil(numel / blocksize)
-    packed = torch.randint(0, 256, ((numel + 1) // 2,), generator=g, dtype=torch.uint8)
-    kw = dict(packed=packed, code=NF4_CODE.clone(), shape=(n, k), dtype=dtype, blocksize=blocksize)
-    if nested:
-        kw.update(absmax=torch.randint(0, 256, (nb,), generator=g, dtype=torch.uint8),
-                  absmax_code=torch.randn(256, generator=g).sort().values,
-                  absmax_scale=torch.rand(math.ceil(nb / 256), generator=g) * 3,
-                  absmax_offset=torch.tensor(2.5678))  # 0-dim
-    else:
-        kw.update(absmax=torch.rand(nb, generator=g) * 4)
-    return NF4Weight(**kw)
+def _random_nf4(n, k, **kw):
+    """Arbitrary scales and code book: what the bit-exact dequantization checks need."""
+    return random_nf4(n, k, scales="random", **kw)
 
 
 def _nf4_kernel():

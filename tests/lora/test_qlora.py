@@ -7,7 +7,6 @@ tests/lora/test_backend_contract.py; this file checks that the NF4 base changes 
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ import torch.nn.functional as F
 
 import pyflex
 from pyflex.lora import backends, contract
-from pyflex.lora.nf4 import NF4_CODE, NF4Weight
 from pyflex.memory import LiveTensorBytes
+from tiny_models import random_nf4
 
 BACKENDS = ["reference", "cpp", "triton"]
 
@@ -30,22 +29,6 @@ def _skip_unless_available(name):
             importlib.import_module("pyflex.kernels.flex_lora")
         except Exception as exc:  # noqa: BLE001
             pytest.skip(f"the Triton kernels cannot be imported ({exc})")
-
-
-def random_nf4(n, k, *, dtype=torch.float32, nested=False, blocksize=64, seed=0, device="cpu"):
-    """An NF4Weight of random codes and scales sized like a real layer's (|W| ~ 1/√K)."""
-    g = torch.Generator().manual_seed(seed)
-    numel = n * k
-    nb = math.ceil(numel / blocksize)
-    packed = torch.randint(0, 256, ((numel + 1) // 2,), generator=g, dtype=torch.uint8)
-    kw = dict(packed=packed, code=NF4_CODE.clone(), shape=(n, k), dtype=dtype, blocksize=blocksize)
-    if nested:
-        kw.update(absmax=torch.randint(0, 256, (nb,), generator=g, dtype=torch.uint8),
-                  absmax_code=torch.linspace(-1, 1, 256), absmax_scale=torch.full((math.ceil(nb / 256),), 0.5 / k ** 0.5),
-                  absmax_offset=torch.tensor(2.0 / k ** 0.5))
-    else:
-        kw.update(absmax=(torch.rand(nb, generator=g) + 1) * 2 / k ** 0.5)
-    return NF4Weight(**kw).to(device)
 
 
 def _run(x, weight, bias, A, B, scale, gy, **kw):

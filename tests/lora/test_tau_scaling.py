@@ -7,13 +7,12 @@ import os
 import socket
 import sys
 import traceback
-import warnings
 
 import pytest
 import torch
 
 import pyflex
-from tiny_models import VOCAB, randomize_flex, tiny_model, tokens
+from tiny_models import init_gloo_worker, randomize_flex, tiny_model, tokens
 
 LAM = 0.05  # large enough that the λ term dominates τ's update in a few steps
 
@@ -176,10 +175,7 @@ def _ddp_batches():
 
 def _ddp_worker(rank, world, port, out_path, target):
     import torch.distributed as dist
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo_worker(rank, world, port)
     try:
         from torch.nn.parallel import DistributedDataParallel
         model = _tau_model(target=target)
